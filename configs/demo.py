@@ -1,0 +1,41 @@
+"""Demo: a small dual encoder on the embedded demo data (64x64 scenes of two tinted items).
+
+Build the data once, then train and evaluate with one of the three losses:
+
+  jaxret data demo --out demo_data
+  jaxret train --config configs/demo.py:softmax --workdir runs/demo-softmax
+  jaxret train --config configs/demo.py:sigmoid --workdir runs/demo-sigmoid
+  jaxret train --config configs/demo.py:filip   --workdir runs/demo-filip
+
+Overrides go after the config, e.g. `--config.batch_size=64 --config.total_steps=200`.
+softmax and filip use CLIP-style towers (cls pooling, causal text pooled at the end token);
+sigmoid uses SigLIP-style towers (MAP head, bidirectional text pooled at the last position,
+t' = log 10, b = -10).
+"""
+from jaxret.config import defaults
+
+
+def get_config(loss="softmax"):
+  c = defaults()
+  c.data.dir = "demo_data"
+  c.batch_size = 128
+  c.total_steps = 1200
+  c.log_every = 20
+  c.checkpoint.every = 200
+  c.checkpoint.keep = 2
+
+  c.model.embed_dim = 128
+  c.model.image.update(size=64, patch_size=8, width=128, depth=3, num_heads=4, mlp_dim=384)
+  c.model.text.update(max_len=24, width=128, depth=2, num_heads=4, mlp_dim=384)
+
+  c.optim.update(lr=1e-3, warmup_steps=120, weight_decay=0.05, b2=0.98)
+
+  c.loss.name = loss
+  if loss == "sigmoid":
+    c.model.init_scale = 10.0
+    c.model.init_bias = -10.0
+    c.model.image.pool = "map"
+    c.model.image.pre_norm = False
+    c.model.image.patch_bias = True
+    c.model.text.update(causal=False, pool="last")
+  return c

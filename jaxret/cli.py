@@ -1,0 +1,86 @@
+"""`jaxret train|eval|data`: parses arguments, then calls library code.
+
+A user mistake (bad config key, path, mesh, ...) prints one line `jaxret: error: ...` and
+exits with status 2; nothing already saved is touched.
+"""
+import argparse
+import os
+import sys
+
+from jaxret.errors import UserError
+
+
+def _parser():
+  p = argparse.ArgumentParser(prog="jaxret", description=__doc__.splitlines()[0])
+  sub = p.add_subparsers(dest="command", required=True)
+
+  t = sub.add_parser("train", help="train (or resume) from a config file",
+                     epilog="Override config keys with --config.KEY=VALUE, e.g. "
+                            "--config.batch_size=64.")
+  t.add_argument("--config", required=True, help="path/to/config.py[:arg]")
+  t.add_argument("--workdir", required=True, help="checkpoints, metrics, eval results")
+  t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+  e = sub.add_parser("eval", help="evaluate a workdir's checkpoint with its saved config")
+  e.add_argument("--workdir", required=True)
+  e.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+
+  d = sub.add_parser("data", help="data tools")
+  dsub = d.add_subparsers(dest="data_command", required=True)
+  demo = dsub.add_parser("demo", help="build the embedded demo data set")
+  demo.add_argument("--out", required=True)
+  demo.add_argument("--num-train", type=int, default=40000)
+  demo.add_argument("--num-test", type=int, default=1000)
+  demo.add_argument("--source", default="auto", choices=("auto", "fashion-mnist", "digits"))
+  demo.add_argument("--seed", type=int, default=0)
+  return p
+
+
+def _split_overrides(argv):
+  """Pull `--config.KEY=VALUE` items out of argv (argparse can't declare them)."""
+  rest, overrides = [], []
+  for a in argv:
+    if a.startswith("--config."):
+      overrides.append(a[len("--config."):])
+    else:
+      rest.append(a)
+  return rest, overrides
+
+
+def run(argv):
+  argv, overrides = _split_overrides(argv)
+  args = _parser().parse_args(argv)
+  if overrides and args.command != "train":
+    raise UserError(f"--config.{overrides[0]}: config overrides only apply to `jaxret train`")
+
+  if args.command == "train":
+    from jaxret import config
+    from jaxret.train.loop import train
+    cfg = config.load(args.config, overrides)
+    train(cfg, args.workdir, progress=not args.no_progress)
+  elif args.command == "eval":
+    from jaxret.eval.run import evaluate_workdir
+    evaluate_workdir(args.workdir, step=args.step)
+  elif args.command == "data" and args.data_command == "demo":
+    from jaxret.data.demo import build_demo
+    build_demo(args.out, num_train=args.num_train, num_test=args.num_test, seed=args.seed,
+               source=args.source)
+
+
+def main(argv=None):
+  try:
+    run(sys.argv[1:] if argv is None else argv)
+  except UserError as e:
+    print(f"jaxret: error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except FloatingPointError as e:
+    print(f"jaxret: error: {e}", file=sys.stderr)
+    sys.exit(1)
+  except KeyboardInterrupt:
+    print("jaxret: interrupted; rerun the same command to resume from the last checkpoint",
+          file=sys.stderr)
+    sys.exit(130)
+
+
+if __name__ == "__main__":
+  main()

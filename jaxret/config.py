@@ -1,0 +1,204 @@
+"""Experiment configs: the schema of valid keys, loading `file.py:arg`, overrides, validation.
+
+A config file defines `get_config(arg) -> ConfigDict`. It should start from `defaults()` (a
+locked ConfigDict, so a misspelled assignment fails at once) and change what it needs. Any
+config, however built, is checked key by key against `defaults()`: an unknown key fails with
+its dotted name and the nearest valid one.
+"""
+import ast
+import importlib.util
+import json
+import math
+import os
+
+import ml_collections
+
+from jaxret.errors import UserError, did_you_mean
+
+
+def defaults() -> ml_collections.ConfigDict:
+  """Every valid key, with its default. Model defaults are a tiny CLIP."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.batch_size = 128          # global batch, split over processes and the ('data','fsdp') axes
+  c.total_steps = 1000
+  c.log_every = 10
+  c.eval_every = 0            # 0: evaluate only at the end
+
+  c.data = dict(dir="demo_data", train_split="train", eval_split="test")
+
+  c.model = dict(
+      embed_dim=128, image_proj=True, text_proj_bias=False,
+      init_scale=1 / 0.07, init_bias=None, max_scale=100.0,
+      act="gelu_tanh", ln_eps=1e-5,
+      image=dict(size=64, patch_size=16, width=128, depth=2, num_heads=4, mlp_dim=512, pool="cls",
+                 pre_norm=True, patch_bias=False),
+      text=dict(max_len=16, width=128, depth=2, num_heads=4, mlp_dim=512, causal=True,
+                pool="eos"),
+  )
+  c.model.init_bias = ml_collections.config_dict.placeholder(float)
+
+  c.loss = dict(name="softmax")
+
+  c.optim = dict(
+      lr=1e-3, end_lr=0.0, warmup_steps=100, weight_decay=0.1, b1=0.9, b2=0.98, eps=1e-6,
+      grad_clip_norm=1.0,
+      # Regex over '/'-joined parameter paths; only matching leaves get weight decay
+      # (dense/conv kernels and token embeddings: not norms, biases or the temperature).
+      decay_regex=r".*/(kernel|embedding)$",
+  )
+
+  c.mesh = dict(data=-1, fsdp=1, tensor=1)   # -1: all remaining devices
+
+  c.checkpoint = dict(every=100, keep=3, async_save=True)
+  c.eval = dict(batch_size=250, ks=(1, 5, 10))
+  c.lock()
+  return c
+
+
+def load(spec: str, overrides=()) -> ml_collections.ConfigDict:
+  """Load `path/to/file.py[:arg]`, apply `key=value` overrides, validate against the schema."""
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise UserError(f"config file '{path}' not found: pass --config path/to/file.py[:arg]")
+  module_spec = importlib.util.spec_from_file_location("jaxret_user_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  try:
+    module_spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise UserError(f"config file '{path}' has a syntax error at line {e.lineno}: {e.msg}") from e
+  if not hasattr(module, "get_config"):
+    raise UserError(f"config file '{path}' defines no get_config(arg) function")
+  try:
+    cfg = module.get_config(arg) if arg else module.get_config()
+  except AttributeError as e:  # assignment of a key that a locked defaults() does not have
+    raise UserError(f"config file '{path}': {_unknown_key_message(e)}") from e
+  except ValueError as e:
+    raise UserError(f"config file '{path}' (arg {arg!r}): {e}") from e
+  cfg = merge(cfg)
+  for item in overrides:
+    apply_override(cfg, item)
+  validate(cfg)
+  return cfg
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+  """The config a run saved in its workdir."""
+  cfg = merge(ml_collections.ConfigDict(json.loads(text)))
+  validate(cfg)
+  return cfg
+
+
+def _unknown_key_message(err):
+  # ml_collections: "Key 'x' does not exist and cannot be added since the config is locked..."
+  msg = str(err).strip("'\"")
+  return msg.split(". Other fields")[0].split("\n")[0]
+
+
+def merge(user) -> ml_collections.ConfigDict:
+  """defaults() updated with `user`, failing on any key the schema does not have."""
+  out = defaults()
+
+  def walk(dst, src, prefix):
+    for key, value in src.items():
+      name = prefix + key
+      if key not in dst:
+        raise UserError(f"unknown config key '{name}'{did_you_mean(key, dst.keys())}")
+      if isinstance(dst[key], ml_collections.ConfigDict):
+        if not isinstance(value, (dict, ml_collections.ConfigDict)):
+          raise UserError(f"config key '{name}' is a section; set its fields, e.g. {name}.x")
+        walk(dst[key], value, name + ".")
+      else:
+        _assign(dst, key, value, name)
+
+  walk(out, user, "")
+  return out
+
+
+def _assign(section, key, value, name):
+  if isinstance(value, list):
+    value = tuple(value)
+  try:
+    with section.unlocked():
+      setattr(section, key, value)
+  except TypeError as e:
+    current = section[key]
+    raise UserError(f"config key '{name}' expects {type(current).__name__}, got "
+                    f"{value!r}") from e
+
+
+def apply_override(cfg, item: str):
+  """Apply one `a.b.c=value` override; the value is a Python literal or a bare string."""
+  key, eq, raw = item.partition("=")
+  if not eq:
+    raise UserError(f"override '--config.{item}' needs a value: --config.{key}=VALUE")
+  section, parts = cfg, key.split(".")
+  for i, part in enumerate(parts):
+    if not isinstance(section, ml_collections.ConfigDict) or part not in section:
+      raise UserError(f"unknown config key '{key}'{did_you_mean(key, dotted_keys(cfg))}")
+    if i < len(parts) - 1:
+      section = section[part]
+  last = parts[-1]
+  if isinstance(section[last], ml_collections.ConfigDict):
+    raise UserError(f"config key '{key}' is a section; override its fields, e.g. {key}.x=...")
+  current = section[last]
+  if isinstance(current, bool) or (current is None and raw.lower() in ("true", "false")):
+    if raw.lower() not in ("true", "false", "1", "0"):
+      raise UserError(f"config key '{key}' expects true or false, got {raw!r}")
+    value = raw.lower() in ("true", "1")
+  elif isinstance(current, str):
+    value = raw
+  else:
+    try:
+      value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+      value = raw
+  _assign(section, last, value, key)
+
+
+def dotted_keys(cfg, prefix=""):
+  """All leaf keys of a config as 'a.b.c' names."""
+  out = []
+  for key, value in cfg.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      out += dotted_keys(value, f"{prefix}{key}.")
+    else:
+      out.append(prefix + key)
+  return out
+
+
+def validate(cfg):
+  """Checks that span keys; per-key choices (loss names, pools) are checked where they are used."""
+  if cfg.batch_size <= 0:
+    raise UserError(f"batch_size must be positive, got {cfg.batch_size}")
+  if cfg.total_steps <= 0:
+    raise UserError(f"total_steps must be positive, got {cfg.total_steps}")
+  if cfg.optim.warmup_steps >= cfg.total_steps:
+    raise UserError(f"optim.warmup_steps ({cfg.optim.warmup_steps}) must be below total_steps "
+                    f"({cfg.total_steps})")
+  if cfg.model.init_scale <= 0 or cfg.model.init_scale > cfg.model.max_scale:
+    raise UserError(f"model.init_scale must be in (0, max_scale={cfg.model.max_scale}], got "
+                    f"{cfg.model.init_scale}")
+  for tower in ("image", "text"):
+    t = cfg.model[tower]
+    if t.width % t.num_heads:
+      raise UserError(f"model.{tower}.width ({t.width}) must be divisible by "
+                      f"model.{tower}.num_heads ({t.num_heads})")
+  from jaxret.models import text as text_mod, vit
+  if cfg.model.image.pool not in vit.POOLS:
+    raise UserError(f"unknown model.image.pool '{cfg.model.image.pool}'"
+                    f"{did_you_mean(cfg.model.image.pool, vit.POOLS)}; valid: {', '.join(vit.POOLS)}")
+  if cfg.model.text.pool not in text_mod.POOLS:
+    raise UserError(f"unknown model.text.pool '{cfg.model.text.pool}'"
+                    f"{did_you_mean(cfg.model.text.pool, text_mod.POOLS)}; valid: "
+                    f"{', '.join(text_mod.POOLS)}")
+  from jaxret.models.layers import ACTIVATIONS
+  if cfg.model.act not in ACTIVATIONS:
+    raise UserError(f"unknown model.act '{cfg.model.act}'{did_you_mean(cfg.model.act, ACTIVATIONS)}"
+                    f"; valid: {', '.join(ACTIVATIONS)}")
+  from jaxret import losses
+  loss = losses.get_loss(cfg.loss.name)  # raises UserError naming the valid losses
+  if loss.uses_bias and cfg.model.init_bias is None:
+    raise UserError(f"loss '{loss.name}' needs a bias: set model.init_bias (SigLIP: -10)")
+  if not math.isfinite(cfg.optim.lr) or cfg.optim.lr <= 0:
+    raise UserError(f"optim.lr must be positive, got {cfg.optim.lr}")

@@ -1,0 +1,133 @@
+"""Transformer pieces shared by the image and text towers.
+
+Every parameter carries logical axis names ('embed', 'mlp', 'heads', 'kv', ...) and the
+activations carry ('batch', 'length', ...); `jaxret.parallel.partitioning` maps them onto
+the mesh. Nothing here knows the mesh.
+"""
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+ACTIVATIONS = {
+    # Flax's default gelu is the tanh approximation (torch: gelu(approximate='tanh')).
+    "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    # OpenAI CLIP's activation.
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+}
+
+
+def logical(init, axes):
+  return nn.with_logical_partitioning(init, axes)
+
+
+def layer_norm(eps, name):
+  return nn.LayerNorm(
+      epsilon=eps, name=name,
+      scale_init=logical(nn.initializers.ones, ("embed",)),
+      bias_init=logical(nn.initializers.zeros, ("embed",)))
+
+
+class Attention(nn.Module):
+  """Multi-head attention with per-head q/k/v kernels [D, H, Dh] and out kernel [H, Dh, D]."""
+  num_heads: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_q, x_kv, mask=None):
+    d = x_q.shape[-1]
+    if d % self.num_heads:
+      raise ValueError(f"width {d} is not divisible by num_heads {self.num_heads}")
+    dh = d // self.num_heads
+    # Fan-in over D and fan-out over (H, Dh): the same init as a [D, D] xavier matrix.
+    qkv_init = logical(nn.initializers.xavier_uniform(), ("embed", "heads", "kv"))
+    proj = lambda name: nn.DenseGeneral(  # noqa: E731
+        (self.num_heads, dh), dtype=self.dtype, name=name, kernel_init=qkv_init,
+        bias_init=logical(nn.initializers.zeros, ("heads", "kv")))
+    q, k, v = proj("query")(x_q), proj("key")(x_kv), proj("value")(x_kv)
+    q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(dh).astype(self.dtype)
+    if mask is not None:
+      logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    return nn.DenseGeneral(
+        d, axis=(-2, -1), dtype=self.dtype, name="out",
+        kernel_init=logical(nn.initializers.xavier_uniform(), ("heads", "kv", "embed")),
+        bias_init=logical(nn.initializers.zeros, ("embed",)))(out)
+
+
+class Mlp(nn.Module):
+  mlp_dim: int
+  act: str = "gelu_tanh"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    h = nn.Dense(self.mlp_dim, dtype=self.dtype, name="fc1",
+                 kernel_init=logical(nn.initializers.xavier_uniform(), ("embed", "mlp")),
+                 bias_init=logical(nn.initializers.normal(1e-6), ("mlp",)))(x)
+    h = ACTIVATIONS[self.act](h)
+    h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
+    return nn.Dense(d, dtype=self.dtype, name="fc2",
+                    kernel_init=logical(nn.initializers.xavier_uniform(), ("mlp", "embed")),
+                    bias_init=logical(nn.initializers.normal(1e-6), ("embed",)))(h)
+
+
+class Block(nn.Module):
+  """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+  num_heads: int
+  mlp_dim: int
+  act: str = "gelu_tanh"
+  ln_eps: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask=None):
+    y = layer_norm(self.ln_eps, "ln1")(x)
+    x = x + Attention(self.num_heads, self.dtype, name="attn")(y, y, mask)
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    y = layer_norm(self.ln_eps, "ln2")(x)
+    x = x + Mlp(self.mlp_dim, self.act, self.dtype, name="mlp")(y)
+    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+class Encoder(nn.Module):
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  act: str = "gelu_tanh"
+  ln_eps: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask=None):
+    for i in range(self.depth):
+      x = Block(self.num_heads, self.mlp_dim, self.act, self.ln_eps, self.dtype,
+                name=f"block{i:02d}")(x, mask)
+    return x
+
+
+class MAPHead(nn.Module):
+  """Multihead attention pooling (big_vision / SigLIP): a learned probe attends to the tokens."""
+  num_heads: int
+  mlp_dim: int
+  act: str = "gelu_tanh"
+  ln_eps: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask: Optional[jax.Array] = None):
+    d = x.shape[-1]
+    probe = self.param("probe", logical(nn.initializers.xavier_uniform(), (None, None, "embed")),
+                       (1, 1, d))
+    probe = jnp.broadcast_to(probe.astype(self.dtype), (x.shape[0], 1, d))
+    x = Attention(self.num_heads, self.dtype, name="attn")(probe, x, mask)
+    y = layer_norm(self.ln_eps, "ln")(x)
+    x = x + Mlp(self.mlp_dim, self.act, self.dtype, name="mlp")(y)
+    return x[:, 0]

@@ -1,0 +1,94 @@
+"""The dual encoder: image tower + text tower + learnable temperature (and optional bias).
+
+`TwoTower(...)(image, text, tokens=...)` returns a dict the losses read:
+  image_emb [B, d], text_emb [B, d]       L2-normalised pooled embeddings
+  image_tokens [B, Ni, d], image_mask     L2-normalised per-token embeddings (tokens=True only);
+  text_tokens [B, Nt, d], text_mask       the same projection as the pooled vector, so FILIP
+                                           and export share it; padding is masked out
+  scale                                   exp(t), t the log-space temperature, capped at max_scale
+  bias                                    the SigLIP bias (only when init_bias is set)
+"""
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jaxret.models.layers import logical
+from jaxret.models.text import TextTransformer
+from jaxret.models.vit import ViT
+
+
+def l2_normalize(x, eps=1e-6):
+  x32 = x.astype(jnp.float32)
+  return x32 / jnp.sqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True) + eps)
+
+
+class TwoTower(nn.Module):
+  image: ViT
+  text: TextTransformer
+  embed_dim: int = 512
+  image_proj: bool = True        # SigLIP uses the MAP head output directly (embed_dim == width).
+  text_proj_bias: bool = False   # SigLIP's text head has a bias; CLIP's projection has none.
+  init_scale: float = 1 / 0.07   # the multiplier; stored as its log (CLIP: 1/0.07, SigLIP: 10)
+  init_bias: Optional[float] = None  # SigLIP: -10; None means no bias parameter
+  max_scale: float = 100.0       # CLIP caps the multiplier at 100
+  pad_id: int = 0
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    if not self.image_proj and self.embed_dim != self.image.width:
+      raise ValueError(f"image_proj=False needs embed_dim ({self.embed_dim}) == image width "
+                       f"({self.image.width})")
+    dense_init = logical(nn.initializers.lecun_normal(), ("embed", "joint"))
+    if self.image_proj:
+      self.img_proj = nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype,
+                               kernel_init=dense_init)
+    self.txt_proj = nn.Dense(self.embed_dim, use_bias=self.text_proj_bias, dtype=self.dtype,
+                             kernel_init=dense_init,
+                             bias_init=logical(nn.initializers.zeros, ("joint",)))
+    self.t = self.param("t", logical(nn.initializers.constant(math.log(self.init_scale)), ()), ())
+    if self.init_bias is not None:
+      self.b = self.param("b", logical(nn.initializers.constant(self.init_bias), ()), ())
+
+  def encode_image(self, image, tokens=False):
+    x, pooled = self.image(image)
+    proj = self.img_proj if self.image_proj else (lambda v: v)
+    out = {"image_emb": l2_normalize(proj(pooled))}
+    if tokens:
+      out["image_tokens"] = l2_normalize(proj(x))
+      out["image_mask"] = jnp.ones(x.shape[:2], bool)
+    return out
+
+  def encode_text(self, text, tokens=False):
+    x, pooled = self.text(text)
+    out = {"text_emb": l2_normalize(self.txt_proj(pooled))}
+    if tokens:
+      out["text_tokens"] = l2_normalize(self.txt_proj(x))
+      out["text_mask"] = text != self.pad_id
+    return out
+
+  def temperature(self):
+    out = {"scale": jnp.exp(jnp.minimum(self.t, math.log(self.max_scale)))}
+    if self.init_bias is not None:
+      out["bias"] = self.b
+    return out
+
+  def __call__(self, image, text, tokens=False):
+    return {**self.encode_image(image, tokens), **self.encode_text(text, tokens),
+            **self.temperature()}
+
+
+def build_model(model_cfg, *, vocab_size, pad_id, eos_id, dtype=jnp.float32) -> TwoTower:
+  """A TwoTower from the `model` section of a config; vocabulary facts come from the tokenizer."""
+  i, t = model_cfg.image, model_cfg.text
+  image = ViT(patch_size=i.patch_size, width=i.width, depth=i.depth, num_heads=i.num_heads,
+              mlp_dim=i.mlp_dim, pool=i.pool, pre_norm=i.pre_norm, patch_bias=i.patch_bias,
+              act=model_cfg.act, ln_eps=model_cfg.ln_eps, dtype=dtype)
+  text = TextTransformer(vocab_size=vocab_size, max_len=t.max_len, width=t.width, depth=t.depth,
+                         num_heads=t.num_heads, mlp_dim=t.mlp_dim, causal=t.causal, pool=t.pool,
+                         eos_id=eos_id, act=model_cfg.act, ln_eps=model_cfg.ln_eps, dtype=dtype)
+  return TwoTower(image=image, text=text, embed_dim=model_cfg.embed_dim,
+                  image_proj=model_cfg.image_proj, text_proj_bias=model_cfg.text_proj_bias,
+                  init_scale=model_cfg.init_scale, init_bias=model_cfg.init_bias,
+                  max_scale=model_cfg.max_scale, pad_id=pad_id, dtype=dtype)

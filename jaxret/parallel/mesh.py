@@ -1,0 +1,40 @@
+"""The device mesh: ('data', 'fsdp', 'tensor'), sized from the config's `mesh` section."""
+import math
+
+import jax
+from jax.sharding import AxisType, Mesh
+
+from jaxret.errors import UserError
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")   # the batch is split over both; FSDP is data parallel too
+
+
+def mesh_shape(mesh_cfg, num_devices):
+  """Resolve the one -1 (if any) and check the product equals the number of devices."""
+  sizes = [int(mesh_cfg[a]) for a in AXES]
+  desc = ",".join(f"{a}={s}" for a, s in zip(AXES, sizes))
+  if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise UserError(f"mesh {desc} is invalid: sizes must be positive, with at most one -1")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % known:
+      raise UserError(f"mesh {desc} does not fit {num_devices} devices: {num_devices} is not "
+                      f"divisible by {known}; change --config.mesh.*")
+    sizes[sizes.index(-1)] = num_devices // known
+  elif known != num_devices:
+    raise UserError(f"mesh {desc} needs {known} devices but {num_devices} are available; "
+                    f"set the sizes so their product is {num_devices} (or use -1 for one axis)")
+  return tuple(sizes)
+
+
+def make_mesh(mesh_cfg, devices=None) -> Mesh:
+  devices = list(devices if devices is not None else jax.devices())
+  shape = mesh_shape(mesh_cfg, len(devices))
+  # Auto axes: shardings are propagated by XLA from the in/out shardings and the logical
+  # constraints, which is what flax's logical partitioning expects.
+  return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+
+
+def batch_parallelism(mesh: Mesh) -> int:
+  return math.prod(mesh.shape[a] for a in BATCH_AXES)

@@ -1,0 +1,50 @@
+"""Logical axis names -> mesh axes, and the shardings that follow for params and batches.
+
+Models annotate with logical names only. Rules are tried in order and a mesh axis is used at
+most once per array, so activations ('batch', 'length', 'embed') shard the batch over
+('data', 'fsdp') while parameters ('embed', 'mlp') shard over 'fsdp' and 'tensor'.
+"""
+import contextlib
+
+import flax.linen as nn
+import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxret.parallel.mesh import BATCH_AXES
+
+RULES = (
+    ("batch", BATCH_AXES),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("vocab", "tensor"),
+    ("kv", None),
+    ("length", None),
+    ("joint", None),
+)
+
+
+def logical_shardings(abstract_boxed, mesh, rules=RULES):
+  """NamedShardings for a tree of flax LogicallyPartitioned leaves (e.g. eval_shape(init))."""
+  specs = nn.get_partition_spec(abstract_boxed)
+  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def batch_sharding(mesh) -> NamedSharding:
+  """Leading (batch) dimension split over the batch axes, the rest replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def tree_batch_sharding(tree, mesh):
+  return jax.tree.map(lambda _: batch_sharding(mesh), tree)
+
+
+@contextlib.contextmanager
+def activate(mesh, rules=RULES):
+  """The mesh and logical rules that tracing a model under jit needs."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield
