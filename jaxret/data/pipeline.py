@@ -1,0 +1,96 @@
+"""grain pipelines: per-process numpy batches for training and evaluation.
+
+Training, per process:
+  records[:N - N % P][p::P] -> seeded shuffle, reshuffled every epoch -> repeat forever
+  -> decode -> random caption -> tokenize -> batch(batch_size, drop_remainder)
+Every step before batching is a MapDataset (index-addressable), so the iterator
+state is one integer and `set_state` resumes exactly, also across epochs.
+
+Evaluation: records in file order -> decode -> captions[0] -> tokenize -> batch
+(last batch may be smaller), with the caption strings kept for display.
+
+Elements are read by an in-process thread pool; worker processes are not used yet.
+"""
+
+import os
+from pathlib import Path
+
+import grain
+
+from jaxret.data import sources, transforms
+from jaxret.errors import UserError
+
+
+def _read_options(batch_size):
+  # A bounded look-ahead (in elements): enough to keep threads busy, not a 500-deep
+  # buffer of full-size images as grain's default would hold.
+  return grain.ReadOptions(num_threads=min(8, os.cpu_count() or 1),
+                           prefetch_buffer_size=max(64, min(batch_size, 1024)))
+
+
+def _process_shard(process_index, process_count):
+  if process_index is None or process_count is None:
+    import jax  # Only needed for the defaults; keeps explicit-shard use jax-free.
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+  return process_index, process_count
+
+
+def _tokenize(data_dir, manifest, text_len, keep_caption=False):
+  tokenize = transforms.Tokenize(Path(data_dir) / manifest["tokenizer"], text_len, keep_caption)
+  tokenize.tokenizer  # Load now: a bad tokenizer file fails here, not in a reader thread.
+  return tokenize
+
+
+def _check_batch_size(batch_size):
+  # (text_len is checked by the tokenizer, the one place that knows its layout.)
+  if batch_size < 1:
+    raise UserError(f"batch size {batch_size} must be at least 1: fix the batch size in the config")
+
+
+def train_iterator(data_dir, *, batch_size, text_len, seed, process_index=None,
+                   process_count=None, split="train"):
+  """Infinite, resumable iterator of this process's training batches.
+
+  Yields {"image": float32 [batch_size,H,W,3], "text": int32 [batch_size,text_len]}.
+  `batch_size` is per process. Each process reads a disjoint, equal-size stride of
+  the records (the last N % process_count records are never read), so every process
+  has the same number of batches per epoch. Save and restore the position with
+  `get_state()`/`set_state()` (or grain.checkpoint.CheckpointSave/Restore).
+  """
+  _check_batch_size(batch_size)
+  index, count = _process_shard(process_index, process_count)
+  manifest = sources.load_manifest(data_dir)
+  records = grain.MapDataset.source(sources.open_split(data_dir, split))
+  per_process = len(records) // count
+  if per_process < batch_size:
+    raise UserError(f"split '{split}' of '{data_dir}' has {len(records)} records, "
+                    f"{per_process} per process: fewer than one batch of {batch_size}; "
+                    "lower the batch size or use more data")
+  ds = records[:per_process * count][index::count]
+  ds = (ds.seed(seed)
+        .shuffle()
+        .repeat(None)  # reseed_each_epoch (default): a new order every epoch.
+        .map(transforms.DecodeRecord(manifest["image_size"]))
+        .random_map(transforms.RandomCaption())
+        .map(_tokenize(data_dir, manifest, text_len)))
+  ds = ds.to_iter_dataset(_read_options(batch_size))
+  return iter(ds.batch(batch_size, drop_remainder=True))
+
+
+def eval_batches(data_dir, *, batch_size, text_len, split="test"):
+  """Finite, fixed-order batches of `split`, each image with its canonical caption.
+
+  Returns a re-iterable dataset; each pass yields {"image": float32 [b,H,W,3],
+  "text": int32 [b,text_len], "caption": [str] * b}, the last batch possibly smaller.
+  """
+  _check_batch_size(batch_size)
+  manifest = sources.load_manifest(data_dir)
+  ds = (grain.MapDataset.source(sources.open_split(data_dir, split))
+        .map(transforms.DecodeRecord(manifest["image_size"]))
+        .map(transforms.FirstCaption())
+        .map(_tokenize(data_dir, manifest, text_len, keep_caption=True)))
+  ds = ds.to_iter_dataset(_read_options(batch_size))
+  return ds.batch(batch_size, drop_remainder=False, batch_fn=transforms.collate)
