@@ -33,7 +33,8 @@ def defaults() -> ml_collections.ConfigDict:
       act="gelu_tanh", ln_eps=1e-5,
       image=dict(size=64, patch_size=16, width=128, depth=2, num_heads=4, mlp_dim=512, pool="cls",
                  pre_norm=True, patch_bias=False),
-      text=dict(max_len=16, width=128, depth=2, num_heads=4, mlp_dim=512, causal=True,
+      # vocab_size 0: take it from the data's tokenizer (a full-size config states it).
+      text=dict(vocab_size=0, max_len=16, width=128, depth=2, num_heads=4, mlp_dim=512, causal=True,
                 pool="eos"),
   )
   c.model.init_bias = ml_collections.config_dict.placeholder(float)
@@ -44,8 +45,9 @@ def defaults() -> ml_collections.ConfigDict:
       lr=1e-3, end_lr=0.0, warmup_steps=100, weight_decay=0.1, b1=0.9, b2=0.98, eps=1e-6,
       grad_clip_norm=1.0,
       # Regex over '/'-joined parameter paths; only matching leaves get weight decay
-      # (dense/conv kernels and token embeddings: not norms, biases or the temperature).
-      decay_regex=r".*/(kernel|embedding)$",
+      # (dense, conv and attention kernels and the token table: not norms, biases, position
+      # embeddings or the temperature).
+      decay_regex=r".*kernel|.*/token_embedding/embedding",
   )
 
   c.mesh = dict(data=-1, fsdp=1, tensor=1)   # -1: all remaining devices

@@ -43,22 +43,31 @@ class Attention(nn.Module):
     if d % self.num_heads:
       raise ValueError(f"width {d} is not divisible by num_heads {self.num_heads}")
     dh = d // self.num_heads
-    # Fan-in over D and fan-out over (H, Dh): the same init as a [D, D] xavier matrix.
-    qkv_init = logical(nn.initializers.xavier_uniform(), ("embed", "heads", "kv"))
-    proj = lambda name: nn.DenseGeneral(  # noqa: E731
-        (self.num_heads, dh), dtype=self.dtype, name=name, kernel_init=qkv_init,
-        bias_init=logical(nn.initializers.zeros, ("heads", "kv")))
-    q, k, v = proj("query")(x_q), proj("key")(x_kv), proj("value")(x_kv)
+    # Kernels are declared at their true per-head shapes (not as flat DenseGeneral kernels) so
+    # the logical partitioning names apply to the array as stored and exported.
+    def heads_in(name):
+      w = self.param(f"{name}_kernel", logical(
+          nn.initializers.xavier_uniform(in_axis=0, out_axis=(1, 2)), ("embed", "heads", "kv")),
+          (d, self.num_heads, dh))
+      b = self.param(f"{name}_bias", logical(nn.initializers.zeros, ("heads", "kv")),
+                     (self.num_heads, dh))
+      return w.astype(self.dtype), b.astype(self.dtype)
+
+    (wq, bq), (wk, bk), (wv, bv) = heads_in("query"), heads_in("key"), heads_in("value")
+    q = jnp.einsum("bld,dhk->blhk", x_q.astype(self.dtype), wq) + bq
+    k = jnp.einsum("bld,dhk->blhk", x_kv.astype(self.dtype), wk) + bk
+    v = jnp.einsum("bld,dhk->blhk", x_kv.astype(self.dtype), wv) + bv
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(dh).astype(self.dtype)
     if mask is not None:
       logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
     out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
-    return nn.DenseGeneral(
-        d, axis=(-2, -1), dtype=self.dtype, name="out",
-        kernel_init=logical(nn.initializers.xavier_uniform(), ("heads", "kv", "embed")),
-        bias_init=logical(nn.initializers.zeros, ("embed",)))(out)
+    wo = self.param("out_kernel", logical(
+        nn.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2), ("heads", "kv", "embed")),
+        (self.num_heads, dh, d))
+    bo = self.param("out_bias", logical(nn.initializers.zeros, ("embed",)), (d,))
+    return jnp.einsum("bqhk,hkd->bqd", out, wo.astype(self.dtype)) + bo.astype(self.dtype)
 
 
 class Mlp(nn.Module):

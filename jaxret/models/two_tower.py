@@ -79,9 +79,13 @@ class TwoTower(nn.Module):
             **self.temperature()}
 
 
-def build_model(model_cfg, *, vocab_size, pad_id, eos_id, dtype=jnp.float32) -> TwoTower:
-  """A TwoTower from the `model` section of a config; vocabulary facts come from the tokenizer."""
+def build_model(model_cfg, *, vocab_size=None, pad_id=0, eos_id=2, dtype=jnp.float32) -> TwoTower:
+  """A TwoTower from the `model` section of a config; vocabulary facts come from the tokenizer
+  (or, for abstract shapes without data, from `model.text.vocab_size`)."""
   i, t = model_cfg.image, model_cfg.text
+  vocab_size = vocab_size or t.vocab_size
+  if not vocab_size:
+    raise ValueError("build_model needs vocab_size, from the tokenizer or model.text.vocab_size")
   image = ViT(patch_size=i.patch_size, width=i.width, depth=i.depth, num_heads=i.num_heads,
               mlp_dim=i.mlp_dim, pool=i.pool, pre_norm=i.pre_norm, patch_bias=i.patch_bias,
               act=model_cfg.act, ln_eps=model_cfg.ln_eps, dtype=dtype)

@@ -22,7 +22,9 @@ class Checkpointer:
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, save_interval_steps=every,
             enable_async_checkpointing=async_save),
-        item_names=("state", "data"))
+        # Handlers named up front, so checkpoint metadata can be read before any restore.
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "data": grain.checkpoint.CheckpointHandler()})
 
   def latest_step(self):
     return self.manager.latest_step()
@@ -46,7 +48,7 @@ class Checkpointer:
     saved = self.manager.item_metadata(step)["state"]
     if saved is None:
       return
-    saved_params = _shapes(saved["params"] if isinstance(saved, dict) else saved.params)
+    saved_params = _shapes(getattr(saved, "tree", saved)["params"])
     want = _shapes(abstract_state.params)
     if saved_params != want:
       missing = sorted(set(want) - set(saved_params))

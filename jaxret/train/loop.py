@@ -30,9 +30,9 @@ from jaxret.train.writers import MetricWriter
 class Experiment:
   """Everything a config builds before the first step (shared by train, eval and export)."""
 
-  def __init__(self, cfg):
+  def __init__(self, cfg, devices=None):
     self.cfg = cfg
-    self.mesh = make_mesh(cfg.mesh)
+    self.mesh = make_mesh(cfg.mesh, devices)
     n, p = batch_parallelism(self.mesh), jax.process_count()
     if cfg.batch_size % n or cfg.batch_size % p:
       raise UserError(f"batch_size {cfg.batch_size} must be divisible by the {n} batch-parallel "
@@ -43,6 +43,11 @@ class Experiment:
                       f"model.image.size is {cfg.model.image.size}; make them equal")
     self.tokenizer = load_tokenizer(os.path.join(cfg.data.dir, self.manifest["tokenizer"]),
                                     cfg.model.text.max_len)
+    want_vocab = cfg.model.text.vocab_size
+    if want_vocab and want_vocab != self.tokenizer.vocab_size:
+      raise UserError(f"model.text.vocab_size is {want_vocab} but the tokenizer of "
+                      f"'{cfg.data.dir}' has {self.tokenizer.vocab_size}; set it to 0 (from the "
+                      "tokenizer) or use the matching data")
     self.model = build_model(cfg.model, vocab_size=self.tokenizer.vocab_size,
                              pad_id=self.tokenizer.pad_id, eos_id=self.tokenizer.eos_id)
     self.loss = losses.get_loss(cfg.loss.name)
@@ -92,13 +97,14 @@ def _global_batch(mesh, batch):
   return {k: jax.make_array_from_process_local_data(sh, batch[k]) for k in ("image", "text")}
 
 
-def train(cfg, workdir, *, stop_after_step=None, progress=True):
+def train(cfg, workdir, *, stop_after_step=None, progress=True, devices=None):
   """Train (or resume) to `cfg.total_steps`; returns the final evaluation result.
 
-  `stop_after_step` ends the run early, as a preemption would (used by the resume test).
+  `stop_after_step` ends the run early, as a preemption would (used by the resume test);
+  `devices` restricts the mesh to a subset of the devices (default: all).
   """
   workdir = os.path.abspath(workdir)
-  exp = Experiment(cfg)
+  exp = Experiment(cfg, devices)
   check_workdir_config(workdir, cfg)
   ckpt = Checkpointer(workdir, every=cfg.checkpoint.every, keep=cfg.checkpoint.keep,
                       async_save=cfg.checkpoint.async_save)

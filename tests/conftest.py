@@ -1,0 +1,43 @@
+"""Every test process sees 8 simulated CPU devices (set before JAX initialises its backend)."""
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)
+
+import pytest  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A model small enough that a train step compiles in seconds on two cores.
+TINY = [
+    "model.embed_dim=32", "model.image.patch_size=16", "model.image.width=32",
+    "model.image.depth=1", "model.image.num_heads=2", "model.image.mlp_dim=64",
+    "model.text.width=32", "model.text.depth=1", "model.text.num_heads=2",
+    "model.text.mlp_dim=64", "batch_size=16", "total_steps=6", "log_every=1",
+    "optim.warmup_steps=2", "checkpoint.every=2", "checkpoint.async_save=false",
+    "eval.batch_size=32",
+]
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory):
+  """A small demo data set built once for the whole session."""
+  from jaxret.data.demo import build_demo
+  out = tmp_path_factory.mktemp("demo_data")
+  build_demo(str(out), num_train=512, num_test=64, seed=0, progress=False)
+  return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_config(demo_dir):
+  """tiny_config(loss, *overrides) -> the demo config, shrunk, pointing at the session data."""
+  from jaxret import config
+
+  def make(loss="softmax", *overrides):
+    return config.load(os.path.join(ROOT, "configs", "demo.py") + ":" + loss,
+                       TINY + [f"data.dir={demo_dir}", *overrides])
+  return make

@@ -1,0 +1,108 @@
+"""Config loading, validation and the full-size SigLIP B/16 config (abstract shapes only)."""
+import os
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from jaxret import config
+from jaxret.errors import UserError
+from jaxret.models.two_tower import build_model
+from jaxret.parallel.mesh import make_mesh, mesh_shape
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(ROOT, "configs", "demo.py")
+
+
+@pytest.mark.parametrize("loss", ["softmax", "sigmoid", "filip"])
+def test_demo_config_loads_for_each_loss(loss):
+  cfg = config.load(f"{DEMO}:{loss}")
+  assert cfg.loss.name == loss
+  assert (cfg.model.init_bias is not None) == (loss == "sigmoid")
+
+
+def test_override_is_typed_and_applied():
+  cfg = config.load(f"{DEMO}:softmax", ["batch_size=64", "model.image.pool=gap",
+                                        "checkpoint.async_save=false", "eval.ks=(1, 3)",
+                                        "optim.lr=3e-4"])
+  assert cfg.batch_size == 64 and cfg.model.image.pool == "gap"
+  assert cfg.checkpoint.async_save is False and tuple(cfg.eval.ks) == (1, 3)
+  assert cfg.optim.lr == pytest.approx(3e-4)
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("batch_sise=3", "did you mean 'batch_size'"),
+    ("model.image.widht=3", "did you mean 'model.image.width'"),
+    ("batch_size=abc", "expects int"),
+    ("loss.name=sigmod", "did you mean 'sigmoid'"),
+    ("model.image.pool=mapp", "did you mean 'map'"),
+    ("model.image.width=130", "divisible by model.image.num_heads"),
+    ("checkpoint.async_save=maybe", "true or false"),
+])
+def test_bad_override_is_one_clear_line(override, needle):
+  with pytest.raises(UserError) as e:
+    config.load(f"{DEMO}:softmax", [override])
+  assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_misspelled_key_in_config_file(tmp_path):
+  locked = tmp_path / "locked.py"
+  locked.write_text(textwrap.dedent("""
+      from jaxret.config import defaults
+      def get_config(arg=None):
+        c = defaults()
+        c.model.embed_dmi = 3
+        return c
+  """))
+  with pytest.raises(UserError, match="embed_dmi"):
+    config.load(str(locked))
+  # A config built without defaults() is checked key by key against the schema.
+  plain = tmp_path / "plain.py"
+  plain.write_text(textwrap.dedent("""
+      import ml_collections
+      def get_config(arg=None):
+        return ml_collections.ConfigDict({"optim": {"warmup_step": 5}})
+  """))
+  with pytest.raises(UserError, match="optim.warmup_step.*did you mean 'warmup_steps'"):
+    config.load(str(plain))
+
+
+def test_missing_config_file_and_sigmoid_without_bias():
+  with pytest.raises(UserError, match="not found"):
+    config.load("configs/nope.py")
+  with pytest.raises(UserError, match="needs a bias"):
+    config.load(f"{DEMO}:softmax", ["loss.name=sigmoid"])
+
+
+def test_mesh_must_fit_the_devices():
+  assert mesh_shape({"data": -1, "fsdp": 2, "tensor": 1}, 8) == (4, 2, 1)
+  with pytest.raises(UserError, match="needs 4 devices but 8"):
+    mesh_shape({"data": 2, "fsdp": 2, "tensor": 1}, 8)
+  with pytest.raises(UserError, match="not divisible"):
+    mesh_shape({"data": -1, "fsdp": 3, "tensor": 1}, 8)
+  mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+
+
+def _block(d, m):
+  # q, k, v, out kernels + biases; two MLP layers + biases; two LayerNorms.
+  return 4 * d * d + 4 * d + 2 * d * m + m + d + 4 * d
+
+
+def test_siglip_b16_config_builds_abstract_shapes_without_allocating():
+  cfg = config.load(os.path.join(ROOT, "configs", "siglip_b16.py"))
+  model = build_model(cfg.model)
+  before = len(jax.live_arrays())
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0),
+                                             np.zeros((1, 224, 224, 3), np.float32),
+                                             np.zeros((1, 64), np.int32)))
+  assert len(jax.live_arrays()) == before
+  count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["params"]))
+  d, m, n = 768, 3072, (224 // 16) ** 2
+  vision = (16 * 16 * 3 * d + d) + n * d + 12 * _block(d, m) + 2 * d \
+      + (d + 4 * d * d + 4 * d + 2 * d + 2 * d * m + m + d)          # MAP head
+  text = 32000 * d + 64 * d + 12 * _block(d, m) + 2 * d + (d * d + d)
+  assert count == vision + text + 2                                  # + t and b
+  assert 202e6 < count < 204e6  # the published SigLIP B/16 has ~203M parameters
+  assert shapes["params"]["b"].value.shape == ()
