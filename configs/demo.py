@@ -19,16 +19,16 @@ def get_config(loss="softmax"):
   c = defaults()
   c.data.dir = "demo_data"
   c.batch_size = 128
-  c.total_steps = 1200
+  c.total_steps = 600
   c.log_every = 20
-  c.checkpoint.every = 200
+  c.checkpoint.every = 100
   c.checkpoint.keep = 2
 
   c.model.embed_dim = 128
-  c.model.image.update(size=64, patch_size=8, width=128, depth=3, num_heads=4, mlp_dim=384)
-  c.model.text.update(max_len=24, width=128, depth=2, num_heads=4, mlp_dim=384)
+  c.model.image.update(size=64, patch_size=16, width=128, depth=3, num_heads=4, mlp_dim=384)
+  c.model.text.update(max_len=20, width=128, depth=2, num_heads=4, mlp_dim=384)
 
-  c.optim.update(lr=1e-3, warmup_steps=120, weight_decay=0.05, b2=0.98)
+  c.optim.update(lr=1e-3, warmup_steps=60, weight_decay=0.05, b2=0.98)
 
   c.loss.name = loss
   if loss == "sigmoid":
