@@ -9,7 +9,8 @@ Build the data once, then train and evaluate with one of the three losses:
 
 Overrides go after the config, e.g. `--config.batch_size=64 --config.total_steps=200`.
 softmax and filip use CLIP-style towers (cls pooling, causal text pooled at the end token);
-sigmoid uses SigLIP-style towers (MAP head, bidirectional text pooled at the last position,
+sigmoid uses SigLIP-style towers (MAP head and no image projection, bidirectional text pooled at
+the last position with a biased head,
 t' = log 10, b = -10).
 """
 from jaxret.config import defaults
@@ -32,8 +33,9 @@ def get_config(loss="softmax"):
 
   c.loss.name = loss
   if loss == "sigmoid":
-    c.model.init_scale = 10.0
-    c.model.init_bias = -10.0
+    # SigLIP's towers: no image projection (the MAP head output is the embedding), a biased
+    # text head; exportable as transformers' SiglipModel.
+    c.model.update(init_scale=10.0, init_bias=-10.0, image_proj=False, text_proj_bias=True)
     c.model.image.pool = "map"
     c.model.image.pre_norm = False
     c.model.image.patch_bias = True
