@@ -25,14 +25,14 @@ def losses_by_step(workdir):
 def full_run(tiny_config, tmp_path_factory):
   """An uninterrupted 6-step softmax run on all 8 devices (shared by several tests)."""
   workdir = str(tmp_path_factory.mktemp("full"))
-  result = train(tiny_config("softmax"), workdir, progress=False)
+  result = train(tiny_config("softmax", "eval_every=3"), workdir, progress=False)
   return workdir, result
 
 
 def test_resume_is_exact(tiny_config, full_run, tmp_path):
   """Stopped after step 3 (last checkpoint at 2) and rerun: every later loss is identical."""
   full_dir, _ = full_run
-  cfg = tiny_config("softmax")
+  cfg = tiny_config("softmax", "eval_every=3")
   assert train(cfg, str(tmp_path), stop_after_step=3, progress=False) is None
   assert max(losses_by_step(str(tmp_path))) == 3
   train(cfg, str(tmp_path), progress=False)
@@ -47,7 +47,8 @@ def test_run_writes_metrics_tensorboard_checkpoints_and_eval(full_run):
   rows = read_metrics(workdir)
   assert [r["step"] for r in rows if "loss" in r] == list(range(1, 7))
   assert all(r["examples_per_s"] > 0 for r in rows if "loss" in r)
-  assert any("eval/i2t_R@1" in r for r in rows)
+  # Periodic evaluation at eval_every=3, and the final one.
+  assert [r["step"] for r in rows if "eval/i2t_R@1" in r] == [3, 6]
   assert glob.glob(os.path.join(workdir, "tb", "events.out.tfevents.*"))
   # Every 2 steps, keeping the demo config's last 2.
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "6"]
