@@ -526,13 +526,28 @@ def test_process_shards_are_disjoint_and_cover(data_dir, count):
   assert not union - everything and len(everything - union) == NUM_TRAIN - per * count
 
 
+@pytest.mark.parametrize("count", [2, 4])
+def test_global_batch_does_not_depend_on_the_process_count(data_dir, count):
+  """Process shards of step k, concatenated in process order, are the one-process batch k
+  (so a multi-host run trains on exactly the batches of a single-host run)."""
+  per = 8
+  whole = train_it(data_dir, batch_size=per * count, process_index=0, process_count=1)
+  parts = [train_it(data_dir, batch_size=per, process_index=p, process_count=count)
+           for p in range(count)]
+  for _ in range(NUM_TRAIN // (per * count) + 2):  # past an epoch boundary
+    want = next(whole)
+    got = [next(it) for it in parts]
+    for key in ("image", "text"):
+      np.testing.assert_array_equal(np.concatenate([g[key] for g in got]), want[key])
+
+
 def test_default_process_shard_comes_from_jax(data_dir):
   batch = next(pipeline.train_iterator(data_dir, batch_size=8, text_len=8, seed=0))
   assert batch["image"].shape[0] == 8
 
 
 def test_train_iterator_errors(data_dir):
-  with pytest.raises(UserError, match="fewer than one batch"):
+  with pytest.raises(UserError, match="fewer than one global batch"):
     train_it(data_dir, batch_size=NUM_TRAIN + 1)
   with pytest.raises(UserError, match="valid splits"):
     train_it(data_dir, split="validation")

@@ -1,10 +1,13 @@
 """grain pipelines: per-process numpy batches for training and evaluation.
 
-Training, per process:
-  records[:N - N % P][p::P] -> seeded shuffle, reshuffled every epoch -> repeat forever
-  -> decode -> random caption -> tokenize -> batch(batch_size, drop_remainder)
-Every step before batching is a MapDataset (index-addressable), so the iterator
-state is one integer and `set_state` resumes exactly, also across epochs.
+Training: one global order shared by every process,
+  records -> seeded shuffle, reshuffled every epoch -> repeat forever
+  -> decode -> random caption -> tokenize -> batch(per-process batch) -> [p::P]
+so global batch k is mini-batches kP..kP+P-1 of that order, process p holding the p-th. The
+global batch is the same records whatever the number of processes (a 2-host run sees exactly
+the batches of a 1-host run), and each process decodes only its own rows. Everything is a
+MapDataset (index-addressable), so the iterator state is one integer and `set_state`
+resumes exactly, also across epochs.
 
 Evaluation: records in file order -> decode -> captions[0] -> tokenize -> batch
 (last batch may be smaller), with the caption strings kept for display.
@@ -52,32 +55,29 @@ def _check_batch_size(batch_size):
 
 def train_iterator(data_dir, *, batch_size, text_len, seed, process_index=None,
                    process_count=None, split="train"):
-  """Infinite, resumable iterator of this process's training batches.
+  """Infinite, resumable iterator of this process's rows of each global training batch.
 
   Yields {"image": float32 [batch_size,H,W,3], "text": int32 [batch_size,text_len]}.
-  `batch_size` is per process. Each process reads a disjoint, equal-size stride of
-  the records (the last N % process_count records are never read), so every process
-  has the same number of batches per epoch. Save and restore the position with
-  `get_state()`/`set_state()` (or grain.checkpoint.CheckpointSave/Restore).
+  `batch_size` is per process (the global batch is batch_size * process_count). Save and
+  restore the position with `get_state()`/`set_state()` (or grain.checkpoint.CheckpointSave/
+  Restore).
   """
   _check_batch_size(batch_size)
   index, count = _process_shard(process_index, process_count)
   manifest = sources.load_manifest(data_dir)
   records = grain.MapDataset.source(sources.open_split(data_dir, split))
-  per_process = len(records) // count
-  if per_process < batch_size:
-    raise UserError(f"split '{split}' of '{data_dir}' has {len(records)} records, "
-                    f"{per_process} per process: fewer than one batch of {batch_size}; "
-                    "lower the batch size or use more data")
-  ds = records[:per_process * count][index::count]
-  ds = (ds.seed(seed)
+  if len(records) < batch_size * count:
+    raise UserError(f"split '{split}' of '{data_dir}' has {len(records)} records, fewer than "
+                    f"one global batch of {batch_size * count}; lower the batch size or use "
+                    "more data")
+  ds = (records.seed(seed)
         .shuffle()
         .repeat(None)  # reseed_each_epoch (default): a new order every epoch.
         .map(transforms.DecodeRecord(manifest["image_size"]))
         .random_map(transforms.RandomCaption())
-        .map(_tokenize(data_dir, manifest, text_len)))
-  ds = ds.to_iter_dataset(_read_options(batch_size))
-  return iter(ds.batch(batch_size, drop_remainder=True))
+        .map(_tokenize(data_dir, manifest, text_len))
+        .batch(batch_size, drop_remainder=True))[index::count]
+  return iter(ds.to_iter_dataset(_read_options(batch_size)))
 
 
 def eval_batches(data_dir, *, batch_size, text_len, split="test"):
