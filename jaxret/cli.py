@@ -1,4 +1,4 @@
-"""`jaxret train|eval|data`: parses arguments, then calls library code.
+"""`jaxret train|eval|export|import-hf|data`: parses arguments, then calls library code.
 
 A user mistake (bad config key, path, mesh, ...) prints one line `jaxret: error: ...` and
 exits with status 2; nothing already saved is touched.
@@ -24,6 +24,21 @@ def _parser():
   e = sub.add_parser("eval", help="evaluate a workdir's checkpoint with its saved config")
   e.add_argument("--workdir", required=True)
   e.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+
+  x = sub.add_parser("export", help="write a workdir's checkpoint as a transformers model folder")
+  x.add_argument("--workdir", required=True)
+  x.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  x.add_argument("--format", default="hf", choices=("hf",),
+                 help="hf: transformers CLIPModel (CLIP towers) or SiglipModel (MAP head)")
+  x.add_argument("--out", required=True, help="the model folder to write")
+  x.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+
+  h = sub.add_parser("import-hf", help="transformers CLIP/SigLIP folder -> jaxret parameters")
+  h.add_argument("dir", help="a transformers CLIPModel or SiglipModel folder")
+  h.add_argument("--out", required=True, help="folder for params/, model.json, tokenizer.json")
+  h.add_argument("--tokenizer", help="order the token table by this tokenizer.json's ids "
+                                     "(e.g. the fine-tuning data's); default: the folder's")
+  h.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
   d = sub.add_parser("data", help="data tools")
   dsub = d.add_subparsers(dest="data_command", required=True)
@@ -61,6 +76,12 @@ def run(argv):
   elif args.command == "eval":
     from jaxret.eval.run import evaluate_workdir
     evaluate_workdir(args.workdir, step=args.step)
+  elif args.command == "export":
+    from jaxret.export.hf import export_workdir
+    export_workdir(args.workdir, args.out, step=args.step, overwrite=args.overwrite)
+  elif args.command == "import-hf":
+    from jaxret.export.hf_import import import_to
+    import_to(args.dir, args.out, tokenizer_path=args.tokenizer, overwrite=args.overwrite)
   elif args.command == "data" and args.data_command == "demo":
     from jaxret.data.demo import build_demo
     build_demo(args.out, num_train=args.num_train, num_test=args.num_test, seed=args.seed,
