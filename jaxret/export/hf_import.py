@@ -44,12 +44,16 @@ def read_weights(hf_dir):
 
 def read_config(hf_dir):
   import transformers
-  if not os.path.isfile(os.path.join(hf_dir, "config.json")):
+  path = os.path.join(hf_dir, "config.json")
+  if not os.path.isfile(path):
     raise UserError(f"'{hf_dir}' has no config.json: pass a transformers model folder")
+  with open(path) as f:
+    kind = json.load(f).get("model_type")
+  if kind not in ("clip", "siglip"):
+    what = f"a transformers '{kind}' model" if kind else "no transformers model (no model_type)"
+    raise UserError(f"'{hf_dir}' holds {what}; jaxret imports 'clip' (CLIPModel) and 'siglip' "
+                    "(SiglipModel) folders")
   cfg = transformers.AutoConfig.from_pretrained(hf_dir)
-  if cfg.model_type not in ("clip", "siglip"):
-    raise UserError(f"'{hf_dir}' holds a transformers '{cfg.model_type}' model; jaxret imports "
-                    "'clip' (CLIPModel) and 'siglip' (SiglipModel)")
   if cfg.model_type == "siglip" and cfg.text_config.projection_size != cfg.vision_config.hidden_size:
     raise UserError(f"'{hf_dir}': SigLIP text projection_size "
                     f"{cfg.text_config.projection_size} differs from the vision width "
