@@ -20,6 +20,12 @@ def _parser():
   t.add_argument("--config", required=True, help="path/to/config.py[:arg]")
   t.add_argument("--workdir", required=True, help="checkpoints, metrics, eval results")
   t.add_argument("--no-progress", action="store_true", help="no progress bar")
+  multi = t.add_argument_group(
+      "multi-process", "join a multi-host job explicitly (SLURM and TPU pods are detected "
+      "from the environment); see launch/")
+  multi.add_argument("--coordinator", help="HOST:PORT of process 0")
+  multi.add_argument("--num-processes", type=int)
+  multi.add_argument("--process-id", type=int)
 
   e = sub.add_parser("eval", help="evaluate a workdir's checkpoint with its saved config")
   e.add_argument("--workdir", required=True)
@@ -69,6 +75,8 @@ def run(argv):
     raise UserError(f"--config.{overrides[0]}: config overrides only apply to `jaxret train`")
 
   if args.command == "train":
+    from jaxret.parallel.mesh import initialize_distributed
+    initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     from jaxret import config
     from jaxret.train.loop import train
     cfg = config.load(args.config, overrides)

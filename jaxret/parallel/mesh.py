@@ -1,5 +1,6 @@
 """The device mesh: ('data', 'fsdp', 'tensor'), sized from the config's `mesh` section."""
 import math
+import os
 
 import jax
 from jax.sharding import AxisType, Mesh
@@ -38,3 +39,30 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
 
 def batch_parallelism(mesh: Mesh) -> int:
   return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def _in_detectable_cluster():
+  """A multi-process allocation that jax.distributed can configure from its environment."""
+  if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    return True
+  return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")  # a multi-host TPU slice
+
+
+def initialize_distributed(coordinator=None, num_processes=None, process_id=None):
+  """Join the multi-process job, before anything else touches JAX devices.
+
+  All three explicit arguments win; otherwise a cluster JAX detects by itself (SLURM with
+  several tasks, a multi-host TPU slice) is joined automatically; otherwise this is a
+  single-process run and nothing happens.
+  """
+  explicit = (coordinator, num_processes, process_id)
+  if any(v is not None for v in explicit):
+    if any(v is None for v in explicit):
+      raise UserError("--coordinator, --num-processes and --process-id go together: give all "
+                      "three, or none to detect the cluster from the environment")
+    if not 0 <= process_id < num_processes:
+      raise UserError(f"--process-id {process_id} must be in [0, {num_processes})")
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                               process_id=process_id)
+  elif _in_detectable_cluster():
+    jax.distributed.initialize()
