@@ -79,8 +79,7 @@ def export_params(model_cfg, params, tokenizer_path, out, *, overwrite=False):
                                           model_cfg.text.max_len)
     tensors = state_dict(target, model_cfg, flat, perm)
     hf_cfg = targets.hf_config(target, model_cfg, vocab_size=len(perm), special_ids=ids,
-                               log_scale=float(tensors["logit_scale"].reshape(())),
-                               bias=flat.get("b"))
+                               log_scale=float(tensors["logit_scale"].reshape(())))
     _check_against_transformers(target, hf_cfg, tensors)
     hf_cfg.save_pretrained(tmp)
     save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})

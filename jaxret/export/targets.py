@@ -64,11 +64,11 @@ def _tower(c, act, eps):
               attention_dropout=0.0)
 
 
-def hf_config(target, model_cfg, *, vocab_size, special_ids, log_scale, bias):
+def hf_config(target, model_cfg, *, vocab_size, special_ids, log_scale):
   """-> transformers CLIPConfig / SiglipConfig for a checked model config.
 
-  `special_ids` are the exported tokenizer's {'pad', 'bos', 'eos'} ids; `log_scale` and `bias`
-  the inference-time temperature and bias (transformers has no cap on the scale).
+  `special_ids` are the exported tokenizer's {'pad', 'bos', 'eos'} ids; `log_scale` the
+  inference-time log temperature (the weights carry it too; the config records it for CLIP).
   """
   import transformers
   m, eps = model_cfg, float(model_cfg.ln_eps)
@@ -83,7 +83,6 @@ def hf_config(target, model_cfg, *, vocab_size, special_ids, log_scale, bias):
                                    projection_dim=m.embed_dim, logit_scale_init_value=log_scale)
   text["projection_size"] = m.embed_dim
   vision["vision_use_head"] = True
-  del bias  # SiglipConfig has no init value for it; the weight carries it
   return transformers.SiglipConfig(text_config=text, vision_config=vision)
 
 
