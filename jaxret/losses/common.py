@@ -66,3 +66,23 @@ def cross_entropy_sum(logits, labels):
 
 def as_scalar(x):
   return jnp.asarray(x, jnp.float32)
+
+
+def ring_size(mesh, axes):
+  """Devices on the batch axes: the length of the ring (and of the all-gather)."""
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def shift(tree, axes, size):
+  """Every array of `tree` moves one step round the ring of `size` devices on `axes`.
+
+  ppermute over a tuple of axes numbers devices the same way as `axis_index(axes)` and the
+  batch order of P(axes), so after k shifts a device holds the rows of device index - k.
+  """
+  perm = [(i, (i + 1) % size) for i in range(size)]
+  return jax.tree.map(lambda x: jax.lax.ppermute(x, axes, perm), tree)
+
+
+def varying(x, axes):
+  """`x` (replicated) as a per-device value; autodiff sums its per-device cotangents (psum)."""
+  return jax.lax.pcast(x, axes, to="varying")

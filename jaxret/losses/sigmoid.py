@@ -1,5 +1,7 @@
 """SigLIP loss (Zhai 2023): independent binary log-loss on every image-text pair."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
@@ -15,21 +17,96 @@ def sigmoid_reference(image_emb, text_emb, scale, bias):
   return -jnp.sum(jax.nn.log_sigmoid(signs * logits)) / batch
 
 
-def sigmoid_loss(image_emb, text_emb, scale, bias, *, mesh, axes=common.DEFAULT_AXES):
-  """`sigmoid_reference` on global arrays whose batch is split over mesh `axes`; memory b x B.
+IMPLS = ("all_gather", "ring")
 
-  The loss is one sum over all B x B pairs, so local image rows against all texts
-  already cover every pair once: only the texts are gathered. (The paper's ring of
-  collective permutes, memory b x b, is a later refinement of the same sum.)
+
+def sigmoid_loss(image_emb, text_emb, scale, bias, *, mesh, axes=common.DEFAULT_AXES,
+                 impl="all_gather"):
+  """`sigmoid_reference` on global arrays whose batch is split over mesh `axes`.
+
+  The loss is one sum over all B x B pairs, so local image rows against all texts cover
+  every pair once. impl "all_gather": gather the texts, memory b x B. "ring" (SigLIP
+  §3.3): pass the texts round the ring instead, memory b x b.
   """
   axes = common.batch_axes(mesh, axes)
   batch = common.global_batch(mesh, axes, image_emb=image_emb, text_emb=text_emb)
+  if impl == "ring":
+    return _ring(image_emb, text_emb, scale, bias, mesh, axes, batch)
 
   def local(images, texts, scale, bias):
     labels = common.positive_columns(images.shape[0], axes)
     logits = scale * common.dot(images, common.gather(texts, axes)) + bias  # [b, B]
     signs = jnp.where(jnp.arange(batch)[None, :] == labels[:, None], 1.0, -1.0)
     total = -jnp.sum(jax.nn.log_sigmoid(signs * logits))
+    return jax.lax.psum(total, axes) / batch
+
+  sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(axes), P(axes), P(), P()), out_specs=P())
+  return sharded(image_emb, text_emb, common.as_scalar(scale), common.as_scalar(bias))
+
+
+def _block_loss(images, texts, scale, bias, own):
+  """Summed log-loss of one b x b block; the own block has the positives on its diagonal."""
+  logits = scale * common.dot(images, texts) + bias
+  signs = 2 * jnp.eye(logits.shape[0], dtype=logits.dtype) - 1 if own else -1.0
+  return -jnp.sum(jax.nn.log_sigmoid(signs * logits))
+
+
+def _ring_sum(images, texts, scale, bias, axes, size, grads):
+  """The local sum over all pairs of this device's images, with its gradients when `grads`.
+
+  Every block's gradient is known as soon as the block is (no global normaliser), so the
+  gradients are made in the same pass; each text's gradient travels with it and is home
+  after D shifts.
+  """
+  def visit(texts, own):
+    args = (images, texts, scale, bias)
+    if not grads:
+      return _block_loss(*args, own), None
+    value, pull = jax.vjp(functools.partial(_block_loss, own=own), *args)
+    return value, pull(jnp.ones_like(value))
+
+  total, d = visit(texts, own=True)
+
+  def step(carry, _):
+    total, texts, d = carry
+    if grads:
+      texts, d_texts = common.shift((texts, d[1]), axes, size)
+      d = (d[0], d_texts, d[2], d[3])
+    else:
+      texts = common.shift(texts, axes, size)
+    value, d_new = visit(texts, own=False)
+    if grads:
+      d = jax.tree.map(jnp.add, d, d_new)
+    return (total + value, texts, d), None
+
+  (total, _, d), _ = jax.lax.scan(step, (total, texts, d), None, length=size - 1)
+  if grads:
+    d = (d[0], common.shift(d[1], axes, size), d[2], d[3])
+  return total, d
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _ring_loss(images, texts, scale, bias, axes, size):
+  return _ring_sum(images, texts, scale, bias, axes, size, grads=False)[0]
+
+
+def _ring_loss_fwd(images, texts, scale, bias, axes, size):
+  return _ring_sum(images, texts, scale, bias, axes, size, grads=True)
+
+
+def _ring_loss_bwd(axes, size, d, g):
+  return tuple(g * x for x in d)
+
+
+_ring_loss.defvjp(_ring_loss_fwd, _ring_loss_bwd)
+
+
+def _ring(image_emb, text_emb, scale, bias, mesh, axes, batch):
+  size = common.ring_size(mesh, axes)
+
+  def local(images, texts, scale, bias):
+    total = _ring_loss(images, texts, common.varying(scale, axes), common.varying(bias, axes),
+                       axes, size)
     return jax.lax.psum(total, axes) / batch
 
   sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(axes), P(axes), P(), P()), out_specs=P())

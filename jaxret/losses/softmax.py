@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from jaxret.losses import common
+from jaxret.losses import common, ring
 
 
 def softmax_reference(image_emb, text_emb, scale):
@@ -15,10 +15,20 @@ def softmax_reference(image_emb, text_emb, scale):
   return (image_to_text + text_to_image) / 2
 
 
-def softmax_loss(image_emb, text_emb, scale, *, mesh, axes=common.DEFAULT_AXES):
-  """`softmax_reference` on global arrays whose batch is split over mesh `axes`; memory b x B."""
+IMPLS = ("all_gather", "ring")
+
+
+def softmax_loss(image_emb, text_emb, scale, *, mesh, axes=common.DEFAULT_AXES, impl="all_gather"):
+  """`softmax_reference` on global arrays whose batch is split over mesh `axes`.
+
+  impl "all_gather": local rows against the gathered batch, memory b x B (the gather's
+  transpose, a reduce-scatter, carries the gradients back). "ring": `ring.lse_sum`,
+  memory b x b, each block scored once for both directions.
+  """
   axes = common.batch_axes(mesh, axes)
   batch = common.global_batch(mesh, axes, image_emb=image_emb, text_emb=text_emb)
+  if impl == "ring":
+    return _ring(image_emb, text_emb, scale, mesh, axes, batch)
 
   def local(images, texts, scale):
     labels = common.positive_columns(images.shape[0], axes)
@@ -26,6 +36,24 @@ def softmax_loss(image_emb, text_emb, scale, *, mesh, axes=common.DEFAULT_AXES):
     text_rows = scale * common.dot(texts, common.gather(images, axes))  # [b, B]
     total = common.cross_entropy_sum(image_rows, labels) + common.cross_entropy_sum(text_rows, labels)
     return jax.lax.psum(total, axes) / (2 * batch)
+
+  sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(axes), P(axes), P()), out_specs=P())
+  return sharded(image_emb, text_emb, common.as_scalar(scale))
+
+
+def _block(images, _, texts, __, scale):
+  logits = scale * common.dot(images, texts)
+  return logits, logits  # image rows and text columns of the same logits
+
+
+def _ring(image_emb, text_emb, scale, mesh, axes, batch):
+  size = common.ring_size(mesh, axes)
+
+  def local(images, texts, scale):
+    scale = common.varying(scale, axes)
+    normalisers = ring.lse_sum(_block, axes, size, None, images, None, texts, None, scale)
+    positives = scale * jnp.sum(images * texts, axis=1)  # the diagonal of the own block
+    return jax.lax.psum(normalisers - 2 * jnp.sum(positives), axes) / (2 * batch)
 
   sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(axes), P(axes), P()), out_specs=P())
   return sharded(image_emb, text_emb, common.as_scalar(scale))
