@@ -4,13 +4,24 @@ s^I_ij = mean over valid image tokens k of max over valid text tokens r of <v_ik
 s^T_ij = mean over valid text tokens r of max over valid image tokens k of <v_ik, t_jr>
 Padding (mask 0) takes part in neither the max nor the mean. Every example needs at
 least one valid token (a caption always has its start/end token), else its scores are -inf.
+
+The kernel never builds more than one tile of the token-similarity tensor: scores are
+made for tiles of `chunk` images x `chunk` texts, each under `jax.checkpoint`, so peak
+memory is set by the tile and the b x b (ring) or b x B (all_gather) score matrices,
+not by B x B x Ni x Nt. Only texts are communicated (in `comm_dtype`); optionally only
+the top `token_fraction` of each example's tokens, by the paper's criterion, take part.
 """
+
+import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from jaxret.losses import common
+from jaxret.losses import common, ring
+
+IMPLS = ("all_gather", "ring")
 
 
 def filip_reference(image_tokens, image_mask, text_tokens, text_mask, scale):
@@ -57,41 +68,182 @@ def filip_scores(image_tokens, image_mask, text_tokens, text_mask):
   return _image_scores(sim, image_mask, text_mask), _text_scores(sim, image_mask, text_mask)
 
 
-# Rematerialised: the backward pass recomputes each [b, B, Ni, Nt] block when it needs it
-# instead of keeping both (or their max masks) as residuals from the forward pass.
-@jax.checkpoint
-def _local_image_scores(images, image_mask, texts, text_mask):
-  return _image_scores(_token_similarities(images, texts), image_mask, text_mask)
+def _divisor(n, chunk):
+  """The largest tile size <= chunk that divides n (chunk 0: no split)."""
+  if chunk <= 0 or chunk >= n:
+    return n
+  return max(c for c in range(1, chunk + 1) if n % c == 0)
 
 
-@jax.checkpoint
-def _local_text_scores(images, image_mask, texts, text_mask):
-  return _text_scores(_token_similarities(images, texts), image_mask, text_mask)
+def _tiled(tile, images, image_mask, texts, text_mask, chunk):
+  """tile(images, image_mask, texts, text_mask) on every (image chunk, text chunk) pair:
+  outputs stacked [m / ci, n / ct, ...]. Each row of tiles is rematerialised as a whole
+  and each tile inside it again, so the backward pass holds one tile's similarities."""
+  m, n = images.shape[0], texts.shape[0]
+  ci, ct = _divisor(m, chunk), _divisor(n, chunk)
+  split = lambda x, c: x.reshape(x.shape[0] // c, c, *x.shape[1:])
+  text_tiles = (split(texts, ct), split(text_mask, ct))
+  tile = jax.checkpoint(tile)
+
+  @jax.checkpoint
+  def row(chunk_images):
+    return jax.lax.map(lambda t: tile(*chunk_images, *t), text_tiles)
+
+  return jax.lax.map(row, (split(images, ci), split(image_mask, ci)))
+
+
+def _score_tile(images, image_mask, texts, text_mask):
+  sim = _token_similarities(images.astype(jnp.float32), texts.astype(jnp.float32))
+  return _image_scores(sim, image_mask, text_mask), _text_scores(sim, image_mask, text_mask)
+
+
+def block_scores(images, image_mask, texts, text_mask, chunk=0):
+  """(s^I, s^T) [m, n] like `filip_scores`, built tile by tile (see `_tiled`)."""
+  m, n = images.shape[0], texts.shape[0]
+  tiles = _tiled(_score_tile, images, image_mask, texts, text_mask, chunk)  # [m/ci, n/ct, ci, ct]
+  return tuple(t.transpose(0, 2, 1, 3).reshape(m, n) for t in tiles)
+
+
+def pair_scores(images, image_mask, texts, text_mask):
+  """(s^I_ii, s^T_ii) [b] for matched pairs only: the positives."""
+  sim = jnp.einsum("ikd,ird->ikr", images.astype(jnp.float32), texts.astype(jnp.float32),
+                   preferred_element_type=jnp.float32)
+  best_text = jnp.max(jnp.where(text_mask[:, None, :], sim, -jnp.inf), axis=2)  # [i, k]
+  best_image = jnp.max(jnp.where(image_mask[:, :, None], sim, -jnp.inf), axis=1)  # [i, r]
+  return _masked_mean(best_text, image_mask, axis=1), _masked_mean(best_image, text_mask, axis=1)
+
+
+# ----------------------------------------------------------------------------------------
+# Token selection (FILIP §3.1.2): before communication, keep each example's tokens with
+# the highest max similarity against all valid tokens of the other side in the local batch.
+
+
+def _best_tile(images, image_mask, texts, text_mask):
+  sim = _token_similarities(images, texts)  # [i, k, j, r]
+  image_best = jnp.max(jnp.where(text_mask[None, None], sim, -jnp.inf), axis=(2, 3))  # [i, k]
+  text_best = jnp.max(jnp.where(image_mask[:, :, None, None], sim, -jnp.inf), axis=(0, 1))  # [j, r]
+  return image_best, text_best
+
+
+def token_criterion(images, image_mask, texts, text_mask, chunk=0):
+  """Each image token's max similarity to any valid text token of the batch, and each text
+  token's to any valid image token: [m, Ni], [n, Nt] (tiled like `block_scores`)."""
+  image_best, text_best = _tiled(_best_tile, images, image_mask, texts, text_mask, chunk)
+  image_best = jnp.max(image_best, axis=1).reshape(images.shape[:2])  # over text tiles
+  text_best = jnp.max(text_best, axis=0).reshape(texts.shape[:2])  # over image tiles
+  return image_best, text_best
+
+
+def keep_count(num_tokens, fraction):
+  return max(1, math.ceil(fraction * num_tokens))
+
+
+def _keep_top(tokens, mask, criterion, fraction):
+  """Each example's top ceil(fraction * N) valid tokens (ties: lower position first)."""
+  keep = keep_count(tokens.shape[1], fraction)
+  _, idx = jax.lax.top_k(jnp.where(mask, criterion, -jnp.inf), keep)  # [b, keep]
+  return (jnp.take_along_axis(tokens, idx[:, :, None], axis=1),
+          jnp.take_along_axis(mask, idx, axis=1))
+
+
+def select_tokens(images, image_mask, texts, text_mask, fraction, chunk=0):
+  """(images, image_mask, texts, text_mask) reduced to each example's top `fraction` tokens
+  by the local-batch criterion; padding is never preferred to a valid token and stays masked."""
+  if fraction >= 1:
+    return images, image_mask, texts, text_mask
+  image_best, text_best = jax.lax.stop_gradient(
+      token_criterion(images, image_mask, texts, text_mask, chunk))
+  return (*_keep_top(images, image_mask, image_best, fraction),
+          *_keep_top(texts, text_mask, text_best, fraction))
+
+
+def drop_special(mask, special):
+  """`mask` without the special (cls / end) tokens, except in rows that would be left empty."""
+  mask = jnp.asarray(mask).astype(bool)
+  dropped = mask & ~jnp.asarray(special).astype(bool)
+  return jnp.where(jnp.any(dropped, axis=1, keepdims=True), dropped, mask)
+
+
+# ----------------------------------------------------------------------------------------
+# The sharded kernel.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _gather_as(x, axes, dtype):
+  """all_gather of `x` sent as `dtype`, received as x.dtype; the gradient is reduce-scattered
+  at full precision (so a half-precision wire rounds the features, never the gradients)."""
+  return common.gather(x.astype(dtype), axes).astype(x.dtype)
+
+
+def _gather_as_fwd(x, axes, dtype):
+  return _gather_as(x, axes, dtype), None
+
+
+def _gather_as_bwd(axes, dtype, _, g):
+  return (jax.lax.psum_scatter(g, axes, tiled=True),)
+
+
+_gather_as.defvjp(_gather_as_fwd, _gather_as_bwd)
 
 
 def filip_loss(image_tokens, image_mask, text_tokens, text_mask, scale, *, mesh,
-               axes=common.DEFAULT_AXES):
-  """`filip_reference` on global arrays whose batch is split over mesh `axes`; memory b x B x Ni x Nt."""
+               axes=common.DEFAULT_AXES, impl="all_gather", token_fraction=1.0, comm_dtype=None,
+               chunk=0):
+  """`filip_reference` on global arrays whose batch is split over mesh `axes`.
+
+  impl "all_gather": local images against the gathered texts (scores b x B); "ring": texts
+  travel round the ring (`ring.lse_sum`, scores b x b). Both score each image-text pair
+  once for both directions, in tiles of `chunk` x `chunk` examples (0: one tile per block).
+  token_fraction < 1 keeps only each example's top tokens (chosen on each device against its
+  local batch, so the result depends on the sharding, as in the paper); comm_dtype (e.g.
+  jnp.bfloat16) is the dtype texts are sent in, scores are accumulated in fp32.
+  """
   axes = common.batch_axes(mesh, axes)
   batch = common.global_batch(mesh, axes, image_tokens=image_tokens, image_mask=image_mask,
                               text_tokens=text_tokens, text_mask=text_mask)
+  size = common.ring_size(mesh, axes)
+  wire = jnp.dtype(comm_dtype or text_tokens.dtype)
 
   def local(images, image_mask, texts, text_mask, scale):
-    labels = common.positive_columns(images.shape[0], axes)
-    # Local images vs all texts: s^I rows for our images.
-    s_image = _local_image_scores(images, image_mask, common.gather(texts, axes),
-                                  common.gather(text_mask, axes))  # [b, B]
-    # Start s^T only once s^I is reduced, so one [b, B, Ni, Nt] tensor is alive at a time
-    # (in the backward pass too, in reverse). XLA:GPU/TPU schedule around the barrier;
-    # XLA:CPU drops barriers before scheduling, so there both may coexist.
-    s_image, all_images = jax.lax.optimization_barrier((s_image, common.gather(images, axes)))
-    # All images vs local texts: s^T columns for our texts, transposed to text rows.
-    s_text = _local_text_scores(all_images, common.gather(image_mask, axes),
-                                texts, text_mask).T  # [b, B]
-    total = (common.cross_entropy_sum(scale * s_image, labels)
-             + common.cross_entropy_sum(scale * s_text, labels))
-    return jax.lax.psum(total, axes) / (2 * batch)
+    images, image_mask, texts, text_mask = select_tokens(images, image_mask, texts, text_mask,
+                                                         token_fraction, chunk)
+    scale = common.varying(scale, axes)
+    # The positives use the texts as they would arrive over the wire.
+    sent = texts + jax.lax.stop_gradient(texts.astype(wire).astype(texts.dtype) - texts)
+    pos_image, pos_text = pair_scores(images, image_mask, sent, text_mask)
+    positives = scale * (jnp.sum(pos_image) + jnp.sum(pos_text))
+    if impl == "ring":
+      normalisers = ring.lse_sum(_ring_block(chunk), axes, size, wire, images, image_mask, texts,
+                                 text_mask, scale)
+    else:
+      normalisers = _gathered_normalisers(images, image_mask, texts, text_mask, scale, axes, wire,
+                                          chunk)
+    return jax.lax.psum(normalisers - positives, axes) / (2 * batch)
 
   sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(axes),) * 4 + (P(),), out_specs=P())
   return sharded(image_tokens, jnp.asarray(image_mask).astype(bool), text_tokens,
                  jnp.asarray(text_mask).astype(bool), common.as_scalar(scale))
+
+
+def _ring_block(chunk):
+  def block(images, image_mask, texts, text_mask, scale):
+    s_image, s_text = block_scores(images, image_mask, texts, text_mask, chunk)
+    return scale * s_image, scale * s_text
+  return block
+
+
+def _gathered_normalisers(images, image_mask, texts, text_mask, scale, axes, wire, chunk):
+  """Row log-sum-exps of s^I for local images plus column log-sum-exps of s^T for local texts.
+
+  s^T columns need all images: each device reduces its own rows to a [B] partial lse,
+  the partials are gathered ([D, B], small) and each device keeps its texts' slice.
+  """
+  all_texts = _gather_as(texts, axes, wire)
+  s_image, s_text = block_scores(images, image_mask, all_texts, common.gather(text_mask, axes),
+                                 chunk)  # [b, B] each
+  rows = jnp.sum(jax.nn.logsumexp(scale * s_image, axis=1))
+  partial = jax.nn.logsumexp(scale * s_text, axis=0)  # [B], over this device's images
+  columns = jax.nn.logsumexp(jax.lax.all_gather(partial, axes), axis=0)  # [B], over all images
+  b = texts.shape[0]
+  own = jax.lax.dynamic_slice_in_dim(columns, jax.lax.axis_index(axes) * b, b)
+  return rows + jnp.sum(own)
