@@ -39,7 +39,9 @@ def defaults() -> ml_collections.ConfigDict:
   )
   c.model.init_bias = ml_collections.config_dict.placeholder(float)
 
-  c.loss = dict(name="softmax")
+  # Loss kernel options: see jaxret/losses/registry.py OPTIONS (filip_* only affect FILIP).
+  c.loss = dict(name="softmax", impl="all_gather", filip_token_fraction=1.0,
+                filip_comm_dtype="float32", filip_special_tokens=True, filip_chunk=32)
 
   c.optim = dict(
       lr=1e-3, end_lr=0.0, warmup_steps=100, weight_decay=0.1, b1=0.9, b2=0.98, eps=1e-6,
@@ -199,7 +201,7 @@ def validate(cfg):
     raise UserError(f"unknown model.act '{cfg.model.act}'{did_you_mean(cfg.model.act, ACTIVATIONS)}"
                     f"; valid: {', '.join(ACTIVATIONS)}")
   from jaxret import losses
-  loss = losses.get_loss(cfg.loss.name)  # raises UserError naming the valid losses
+  loss = losses.get_loss(cfg.loss.name, cfg.loss)  # UserErrors name the valid losses and options
   if loss.uses_bias and cfg.model.init_bias is None:
     raise UserError(f"loss '{loss.name}' needs a bias: set model.init_bias (SigLIP: -10)")
   if not math.isfinite(cfg.optim.lr) or cfg.optim.lr <= 0:

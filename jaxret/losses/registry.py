@@ -1,11 +1,14 @@
 """Losses by config name: what each needs from the model and how eval should score."""
 
 import dataclasses
+import numbers
 from typing import Callable
+
+import jax.numpy as jnp
 
 from jaxret.errors import UserError, did_you_mean
 from jaxret.losses.common import DEFAULT_AXES
-from jaxret.losses.filip import filip_loss
+from jaxret.losses.filip import drop_special, filip_loss
 from jaxret.losses.sigmoid import sigmoid_loss
 from jaxret.losses.softmax import softmax_loss
 
@@ -14,16 +17,62 @@ from jaxret.losses.softmax import softmax_loss
 class Loss:
   """A loss as the trainer and eval see it.
 
-  fn(outputs, *, mesh, axes) reads the model outputs dict ('image_emb', 'text_emb',
-  'image_tokens', 'image_mask', 'text_tokens', 'text_mask', 'scale', 'bias'; `scale`
-  is the multiplier, already exp-ed and clamped by the model) and returns the
-  replicated scalar loss.
+  fn(outputs, *, mesh, axes, options=None) reads the model outputs dict ('image_emb',
+  'text_emb', 'image_tokens', 'image_mask', 'text_tokens', 'text_mask', 'image_special',
+  'text_special', 'scale', 'bias'; `scale` is the multiplier, already exp-ed and clamped
+  by the model) and returns the replicated scalar loss. `options` is the config's `loss`
+  section (a mapping of OPTIONS keys; missing keys and None take the OPTIONS defaults);
+  the trainer passes the Loss's own `options`, bound by `get_loss(name, cfg.loss)`.
   """
   name: str
   needs_tokens: bool  # needs per-token embeddings and masks, not just pooled ones
   uses_bias: bool  # reads the learnt logit bias
   similarity: str  # "pooled" | "late_interaction": what retrieval eval should score with
   fn: Callable
+  options: dict = dataclasses.field(default_factory=lambda: dict(OPTIONS))
+
+
+# Every loss option with its default; the config's `loss` section has exactly these keys
+# (plus `name`). The filip_* keys only matter to FILIP.
+OPTIONS = dict(
+    impl="all_gather",           # "all_gather" (memory b x B) | "ring" (ppermute, memory b x b)
+    filip_token_fraction=1.0,    # keep each example's top fraction (paper: 0.25; depends on sharding)
+    filip_comm_dtype="float32",  # dtype texts are communicated in: float32 | bfloat16 | float16
+    filip_special_tokens=True,   # score the image cls / text end token too
+    filip_chunk=32,              # examples per side of one similarity tile (0: a whole block)
+)
+IMPLS = ("all_gather", "ring")
+COMM_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_options(options):
+  """The loss options with defaults filled in; one-line UserErrors for bad values."""
+  options = dict(options or {})
+  options.pop("name", None)
+  for key in options:
+    if key not in OPTIONS:
+      raise UserError(f"unknown loss option 'loss.{key}'{did_you_mean(key, OPTIONS)}; valid: "
+                      f"{', '.join(OPTIONS)}")
+  out = {**OPTIONS, **options}
+  if out["impl"] not in IMPLS:
+    raise UserError(f"unknown loss.impl {out['impl']!r}{did_you_mean(out['impl'], IMPLS)}; valid: "
+                    f"{', '.join(IMPLS)}")
+  fraction = out["filip_token_fraction"]
+  if (isinstance(fraction, bool) or not isinstance(fraction, numbers.Real)
+      or not 0 < fraction <= 1):
+    raise UserError(f"loss.filip_token_fraction must be in (0, 1] (1.0 keeps every token), got "
+                    f"{fraction!r}")
+  dtype = out["filip_comm_dtype"]
+  if dtype not in COMM_DTYPES:
+    raise UserError(f"unknown loss.filip_comm_dtype {dtype!r}{did_you_mean(dtype, COMM_DTYPES)}; "
+                    f"valid: {', '.join(COMM_DTYPES)}")
+  if not isinstance(out["filip_special_tokens"], bool):
+    raise UserError(f"loss.filip_special_tokens must be true or false, got "
+                    f"{out['filip_special_tokens']!r}")
+  chunk = out["filip_chunk"]
+  if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 0:
+    raise UserError(f"loss.filip_chunk must be a whole number >= 0 (0: no split), got {chunk!r}")
+  return out
 
 
 def _take(outputs, loss, keys):
@@ -34,18 +83,28 @@ def _take(outputs, loss, keys):
   return [outputs[k] for k in keys]
 
 
-def _softmax(outputs, *, mesh, axes=DEFAULT_AXES):
-  return softmax_loss(*_take(outputs, "softmax", ("image_emb", "text_emb", "scale")), mesh=mesh, axes=axes)
+def _softmax(outputs, *, mesh, axes=DEFAULT_AXES, options=None):
+  o = check_options(options)
+  return softmax_loss(*_take(outputs, "softmax", ("image_emb", "text_emb", "scale")), mesh=mesh,
+                      axes=axes, impl=o["impl"])
 
 
-def _sigmoid(outputs, *, mesh, axes=DEFAULT_AXES):
+def _sigmoid(outputs, *, mesh, axes=DEFAULT_AXES, options=None):
+  o = check_options(options)
   keys = ("image_emb", "text_emb", "scale", "bias")
-  return sigmoid_loss(*_take(outputs, "sigmoid", keys), mesh=mesh, axes=axes)
+  return sigmoid_loss(*_take(outputs, "sigmoid", keys), mesh=mesh, axes=axes, impl=o["impl"])
 
 
-def _filip(outputs, *, mesh, axes=DEFAULT_AXES):
+def _filip(outputs, *, mesh, axes=DEFAULT_AXES, options=None):
+  o = check_options(options)
   keys = ("image_tokens", "image_mask", "text_tokens", "text_mask", "scale")
-  return filip_loss(*_take(outputs, "filip", keys), mesh=mesh, axes=axes)
+  image_tokens, image_mask, text_tokens, text_mask, scale = _take(outputs, "filip", keys)
+  if not o["filip_special_tokens"]:
+    image_special, text_special = _take(outputs, "filip", ("image_special", "text_special"))
+    image_mask, text_mask = drop_special(image_mask, image_special), drop_special(text_mask, text_special)
+  return filip_loss(image_tokens, image_mask, text_tokens, text_mask, scale, mesh=mesh, axes=axes,
+                    impl=o["impl"], token_fraction=o["filip_token_fraction"],
+                    comm_dtype=jnp.dtype(o["filip_comm_dtype"]), chunk=o["filip_chunk"])
 
 
 _LOSSES = {
@@ -58,8 +117,9 @@ _LOSSES = {
 LOSS_NAMES = tuple(sorted(_LOSSES))
 
 
-def get_loss(name):
-  """The `Loss` registered as `name` (exact match); a UserError names the nearest one."""
+def get_loss(name, options=None):
+  """The `Loss` registered as `name` (exact match; a UserError names the nearest one), with
+  `options` (the config's `loss` section) checked and bound as its `options`."""
   if not isinstance(name, str) or name not in _LOSSES:
     raise UserError(f"unknown loss {name!r}{did_you_mean(name, LOSS_NAMES)}; valid: {', '.join(LOSS_NAMES)}")
-  return _LOSSES[name]
+  return dataclasses.replace(_LOSSES[name], options=check_options(options))

@@ -5,6 +5,8 @@
   image_tokens [B, Ni, d], image_mask     L2-normalised per-token embeddings (tokens=True only);
   text_tokens [B, Nt, d], text_mask       the same projection as the pooled vector, so FILIP
                                            and export share it; padding is masked out
+  image_special, text_special [B, N]       (tokens=True) the cls token (pool='cls') and the
+                                           end token (first eos_id), for FILIP to leave out
   scale                                   exp(t), t the log-space temperature, capped at max_scale
   bias                                    the SigLIP bias (only when init_bias is set)
 """
@@ -58,6 +60,8 @@ class TwoTower(nn.Module):
     if tokens:
       out["image_tokens"] = l2_normalize(proj(x))
       out["image_mask"] = jnp.ones(x.shape[:2], bool)
+      is_cls = jnp.arange(x.shape[1]) == 0 if self.image.pool == "cls" else jnp.zeros(x.shape[1], bool)
+      out["image_special"] = jnp.broadcast_to(is_cls, x.shape[:2])
     return out
 
   def encode_text(self, text, tokens=False):
@@ -66,6 +70,8 @@ class TwoTower(nn.Module):
     if tokens:
       out["text_tokens"] = l2_normalize(self.txt_proj(x))
       out["text_mask"] = text != self.pad_id
+      is_eos = text == self.text.eos_id
+      out["text_special"] = is_eos & (jnp.cumsum(is_eos, axis=1) == 1)  # the first one only
     return out
 
   def temperature(self):

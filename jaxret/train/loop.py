@@ -50,7 +50,7 @@ class Experiment:
                       "tokenizer) or use the matching data")
     self.model = build_model(cfg.model, vocab_size=self.tokenizer.vocab_size,
                              pad_id=self.tokenizer.pad_id, eos_id=self.tokenizer.eos_id)
-    self.loss = losses.get_loss(cfg.loss.name)
+    self.loss = losses.get_loss(cfg.loss.name, cfg.loss)
     self.tx, self.schedule = make_optimizer(cfg.optim, cfg.total_steps)
     self.abstract_state, self.state_sh = state_shardings(self.model, self.tx, self.mesh,
                                                          cfg.model.image.size)

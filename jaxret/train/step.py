@@ -14,7 +14,7 @@ def make_train_step(model, loss, tx, schedule, mesh, state_sh):
     def loss_fn(params):
       out = model.apply({"params": params}, batch["image"], batch["text"],
                         tokens=loss.needs_tokens)
-      return loss.fn(out, mesh=mesh, axes=BATCH_AXES), out
+      return loss.fn(out, mesh=mesh, axes=BATCH_AXES, options=loss.options), out
 
     (value, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
