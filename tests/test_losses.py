@@ -289,7 +289,8 @@ def test_registry_fn_reads_model_outputs():
                  text_mask=tm, scale=np.float32(SCALE), bias=np.float32(BIAS))
   for name in losses.LOSS_NAMES:
     want = _REFERENCES[name](*_args(name))
-    fn = functools.partial(losses.get_loss(name).fn, mesh=mesh, axes=("data", "fsdp"))
+    fn = functools.partial(losses.get_loss(name).fn, mesh=mesh, axes=("data", "fsdp"),
+                           options=dict(filip_token_fraction=1.0))  # every token, as the reference
     _close(jax.jit(fn)(outputs), want)
   del outputs["text_tokens"]
   with pytest.raises(UserError, match="loss 'filip' needs model outputs text_tokens"):
