@@ -25,9 +25,32 @@ RULES = (
 
 
 def logical_shardings(abstract_boxed, mesh, rules=RULES):
-  """NamedShardings for a tree of flax LogicallyPartitioned leaves (e.g. eval_shape(init))."""
-  specs = nn.get_partition_spec(abstract_boxed)
-  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+  """NamedShardings for a tree of flax LogicallyPartitioned leaves (e.g. eval_shape(init)).
+
+  A dimension that does not divide evenly over its mesh axes (a 45-word vocabulary over
+  tensor=2) is replicated instead: XLA cannot place uneven shards of a parameter.
+  """
+  is_boxed = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
+
+  def one(leaf):
+    if not is_boxed(leaf):
+      return NamedSharding(mesh, P())
+    spec = nn.logical_to_mesh_axes(leaf.names, rules)
+    return NamedSharding(mesh, fit_spec(spec, leaf.value.shape, mesh))
+
+  return jax.tree.map(one, abstract_boxed, is_leaf=is_boxed)
+
+
+def fit_spec(spec, shape, mesh):
+  """`spec` with every mesh axis dropped from dimensions it does not divide."""
+  out = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    size = 1
+    for a in names:
+      size *= mesh.shape[a]
+    out.append(axes if names and dim % size == 0 else None)
+  return P(*out)
 
 
 def batch_sharding(mesh) -> NamedSharding:
