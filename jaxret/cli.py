@@ -26,6 +26,8 @@ def _parser():
   multi.add_argument("--coordinator", help="HOST:PORT of process 0")
   multi.add_argument("--num-processes", type=int)
   multi.add_argument("--process-id", type=int)
+  multi.add_argument("--distributed", action="store_true",
+                     help="let jax.distributed detect the cluster (TPU slice, SLURM, ...)")
 
   e = sub.add_parser("eval", help="evaluate a workdir's checkpoint with its saved config")
   e.add_argument("--workdir", required=True)
@@ -76,7 +78,8 @@ def run(argv):
 
   if args.command == "train":
     from jaxret.parallel.mesh import initialize_distributed
-    initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    initialize_distributed(args.coordinator, args.num_processes, args.process_id,
+                           auto=args.distributed)
     from jaxret import config
     from jaxret.train.loop import train
     cfg = config.load(args.config, overrides)

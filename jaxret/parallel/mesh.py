@@ -48,12 +48,13 @@ def _in_detectable_cluster():
   return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")  # a multi-host TPU slice
 
 
-def initialize_distributed(coordinator=None, num_processes=None, process_id=None):
+def initialize_distributed(coordinator=None, num_processes=None, process_id=None, *,
+                           auto=False):
   """Join the multi-process job, before anything else touches JAX devices.
 
-  All three explicit arguments win; otherwise a cluster JAX detects by itself (SLURM with
-  several tasks, a multi-host TPU slice) is joined automatically; otherwise this is a
-  single-process run and nothing happens.
+  All three explicit arguments win; `auto` asks JAX to detect the cluster (TPU slice, SLURM,
+  ...) itself; otherwise a SLURM job with several tasks or a TPU slice that names its workers
+  is joined automatically; otherwise this is a single-process run and nothing happens.
   """
   explicit = (coordinator, num_processes, process_id)
   if any(v is not None for v in explicit):
@@ -64,5 +65,5 @@ def initialize_distributed(coordinator=None, num_processes=None, process_id=None
       raise UserError(f"--process-id {process_id} must be in [0, {num_processes})")
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                process_id=process_id)
-  elif _in_detectable_cluster():
+  elif auto or _in_detectable_cluster():
     jax.distributed.initialize()
