@@ -55,7 +55,25 @@ def defaults() -> ml_collections.ConfigDict:
   c.mesh = dict(data=-1, fsdp=1, tensor=1)   # -1: all remaining devices
 
   c.checkpoint = dict(every=100, keep=3, async_save=True)
-  c.eval = dict(batch_size=250, ks=(1, 5, 10))
+  # Evaluations (jaxret/eval/suite.py): run by `jaxret eval`, every eval_every steps and at
+  # the end of training.
+  c.eval = dict(
+      batch_size=250, ks=(1, 5, 10),
+      tasks=("retrieval", "hubness", "zeroshot"),
+      captions_per_image=0,          # 0: every caption of an image (COCO/Flickr protocol: 5)
+      block_elements=1 << 24,        # scores held per query block (bounds memory)
+      curve_max_k=50,                # Recall@K curve length saved for plots
+      filip_exact_max_pairs=4_000_000,  # FILIP scores every pair only up to images x captions
+      filip_rerank_k=20,             # FILIP two-stage: pooled top-k candidates per query
+      hubness_bank=5000,             # training records in the QB-Norm / DBNorm banks (0: all)
+      hubness_beta=20.0,             # inverted-softmax temperature (QB-Norm's default)
+      hubness_beta_gallery=20.0,     # DBNorm's gallery-bank temperature
+      hubness_topk=1,                # QB-Norm activation set: bank queries' top-k items
+      # Demo-vocabulary prompts (captions read "a red sneaker in the top left and ...").
+      zeroshot_templates=("a {}", "a {} in the top left", "a {} in the top right",
+                          "a {} in the bottom left", "a {} in the bottom right"),
+      zeroshot_ks=(1, 5),
+  )
   c.lock()
   return c
 

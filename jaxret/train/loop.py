@@ -16,7 +16,7 @@ from jaxret.data.pipeline import train_iterator
 from jaxret.data.sources import load_manifest
 from jaxret.data.tokenizers import load_tokenizer
 from jaxret.errors import UserError
-from jaxret.eval.retrieval import RetrievalEvaluator, format_table, write_result
+from jaxret.eval.retrieval import format_table, write_result
 from jaxret.models.two_tower import build_model
 from jaxret.parallel import partitioning
 from jaxret.parallel.mesh import batch_parallelism, make_mesh
@@ -56,11 +56,11 @@ class Experiment:
                                                          cfg.model.image.size)
 
   def evaluator(self):
+    from jaxret.eval.suite import Evaluator
     c = self.cfg
-    return RetrievalEvaluator(self.model, self.loss, self.mesh, self.state_sh.params,
-                              data_dir=c.data.dir, split=c.data.eval_split,
-                              text_len=c.model.text.max_len, batch_size=c.eval.batch_size,
-                              ks=c.eval.ks)
+    return Evaluator(self.model, self.loss, self.mesh, self.state_sh.params,
+                     data_dir=c.data.dir, split=c.data.eval_split, train_split=c.data.train_split,
+                     tokenizer=self.tokenizer, manifest=self.manifest, eval_cfg=c.eval)
 
 
 def check_workdir_config(workdir, cfg):
@@ -167,4 +167,12 @@ def train(cfg, workdir, *, stop_after_step=None, progress=True, devices=None):
 
 
 def _eval_scalars(result):
-  return {f"eval/{d}_{k}": v for d in ("i2t", "t2i") for k, v in result[d].items()}
+  """The primary Recall@K as eval/{i2t,t2i}_R@K; every scoring and zero-shot view below it."""
+  out = {f"eval/{d}_{k}": v for d in ("i2t", "t2i") if d in result for k, v in result[d].items()}
+  for name, v in result.get("retrieval", {}).items():
+    out[f"eval/{name}/rsum"] = v["rsum"]
+    out.update({f"eval/{name}/{d}_{k}": x for d in ("i2t", "t2i") for k, x in v[d].items()})
+  for view, z in result.get("zeroshot", {}).items():
+    if isinstance(z, dict):
+      out.update({f"eval/zeroshot_{view}/{k}": x for k, x in z.items() if k.startswith("top")})
+  return out
