@@ -32,6 +32,16 @@ def _parser():
   e = sub.add_parser("eval", help="evaluate a workdir's checkpoint with its saved config")
   e.add_argument("--workdir", required=True)
   e.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  e.add_argument("--tasks", default=None,
+                 help="comma-separated evaluations instead of the config's eval.tasks "
+                      "(retrieval, hubness, zeroshot)")
+  e.add_argument("--data-dir", default=None,
+                 help="the data set to evaluate on instead of the config's data.dir (e.g. when "
+                      "the run was trained with a relative path)")
+
+  pl = sub.add_parser("plot", help="(re)draw a workdir's PNG plots from eval.json and "
+                                   "metrics.jsonl")
+  pl.add_argument("--workdir", required=True)
 
   x = sub.add_parser("export", help="write a workdir's checkpoint as a transformers model folder")
   x.add_argument("--workdir", required=True)
@@ -86,7 +96,12 @@ def run(argv):
     train(cfg, args.workdir, progress=not args.no_progress)
   elif args.command == "eval":
     from jaxret.eval.run import evaluate_workdir
-    evaluate_workdir(args.workdir, step=args.step)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    evaluate_workdir(args.workdir, step=args.step, tasks=tasks, data_dir=args.data_dir)
+  elif args.command == "plot":
+    from jaxret.eval.plots import plot_workdir
+    for path in plot_workdir(args.workdir):
+      print(f"wrote {path}")
   elif args.command == "export":
     from jaxret.export.hf import export_workdir
     export_workdir(args.workdir, args.out, step=args.step, overwrite=args.overwrite)

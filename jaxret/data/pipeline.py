@@ -94,3 +94,31 @@ def eval_batches(data_dir, *, batch_size, text_len, split="test"):
         .map(_tokenize(data_dir, manifest, text_len, keep_caption=True)))
   ds = ds.to_iter_dataset(_read_options(batch_size))
   return ds.batch(batch_size, drop_remainder=False, batch_fn=transforms.collate)
+
+
+class _WholeRecord(grain.transforms.Map):
+  """Evaluation of several captions and of labels: image, every caption and the meta."""
+
+  def __init__(self, image_size):
+    self.decode = transforms.DecodeRecord(image_size)
+
+  def map(self, element):
+    out = self.decode.map(element)
+    out["meta"] = sources.decode_record(element).get("meta", {})
+    return out
+
+
+def eval_records(data_dir, *, batch_size, split="test", max_records=None):
+  """Finite, fixed-order batches of whole records (the first `max_records`, default all).
+
+  Each pass yields {"image": float32 [b,H,W,3], "captions": [[str, ...]] * b,
+  "meta": [dict] * b}, the last batch possibly smaller; captions are not tokenized, so the
+  evaluator can take several per image.
+  """
+  _check_batch_size(batch_size)
+  manifest = sources.load_manifest(data_dir)
+  ds = grain.MapDataset.source(sources.open_split(data_dir, split))
+  if max_records is not None and max_records < len(ds):
+    ds = ds[:max_records]
+  ds = ds.map(_WholeRecord(manifest["image_size"])).to_iter_dataset(_read_options(batch_size))
+  return ds.batch(batch_size, drop_remainder=False, batch_fn=transforms.collate)

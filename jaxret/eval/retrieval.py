@@ -1,33 +1,31 @@
-"""Image<->text retrieval on a held-out split of image-caption pairs (pair i <-> i).
+"""Image<->text retrieval with several captions per image (the COCO/Flickr protocol).
 
-Embeddings are computed with the training mesh (batch split over devices), gathered to the
-host, scored, and ranked. Scoring follows what the loss trained: cosine of pooled embeddings,
-or FILIP late interaction (image->text ranks by s^I, text->image by s^T).
+image->text: a hit at K if ANY of the image's captions ranks within K; text->image: every
+caption is a query and its one image must rank within K. Ranks are exact and pessimistic
+(ties count against the model), computed blockwise on the devices (`ranking.Ranker`).
+
+Scorings, each reported as a variant (`result["retrieval"][name]`):
+  pooled            cosine of pooled embeddings (every model)
+  pooled_qb_norm    pooled + QB-Norm, pooled_db_norm: pooled + DBNorm (task "hubness";
+                    banks of training images and captions, see hubness.py)
+  filip_exact       FILIP late interaction on every pair (late-interaction models, galleries
+                    up to eval.filip_exact_max_pairs image-caption pairs)
+  filip_rerank      two-stage: top eval.filip_rerank_k by pooled cosine, then late interaction
+The primary variant (top-level "i2t"/"t2i") is what the loss trained: pooled, or FILIP
+(exact when it was computed, else the rerank).
 """
-import json
-import os
-
-import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 
-from jaxret.data.pipeline import eval_batches
-from jaxret.losses.filip import filip_scores
-from jaxret.parallel import partitioning
-from jaxret.parallel.mesh import batch_parallelism
+from jaxret.eval import hubness, late_interaction, ranking
+from jaxret.eval.report import format_table, write_result  # noqa: F401 (the train loop's names)
 
 
 def ranks(scores):
-  """Rank of the true match (the diagonal) per image row and per text column, 0 = best.
-
-  Ties count against the model: rank = how many other candidates score >= the true one.
-  `scores` may be one [N, N] array or a pair (i2t_scores, t2i_scores), both [images, texts].
-  """
+  """Single-caption ranks of the diagonal matches of [N, N] scores (or an (i2t, t2i) pair of
+  [images, texts] matrices): the brute-force reference for one caption per image."""
   i2t, t2i = scores if isinstance(scores, tuple) else (scores, scores)
-  i2t_rank = (i2t >= np.diag(i2t)[:, None]).sum(axis=1) - 1
-  t2i_rank = (t2i >= np.diag(t2i)[None, :]).sum(axis=0) - 1
-  return i2t_rank, t2i_rank
+  n = np.arange(len(i2t))
+  return ranking.rank_dense(i2t, n, n), ranking.rank_dense(np.asarray(t2i).T, n, n)
 
 
 def recall_at_k(scores, ks=(1, 5, 10)):
@@ -36,83 +34,71 @@ def recall_at_k(scores, ks=(1, 5, 10)):
           "t2i": {f"R@{k}": float(np.mean(t2i_rank < k)) for k in ks}}
 
 
+def summarise(i2t_ranks, t2i_ranks, ks, curve_max_k):
+  i2t, t2i = ranking.metrics(i2t_ranks, ks), ranking.metrics(t2i_ranks, ks)
+  curve = lambda r: [float(np.mean(r < k)) for k in range(1, curve_max_k + 1)]
+  return {"i2t": i2t, "t2i": t2i, "rsum": ranking.rsum(i2t, t2i, ks),
+          "curve": {"i2t": curve(i2t_ranks), "t2i": curve(t2i_ranks)}}
+
+
 class RetrievalEvaluator:
-  """Embeds a split once per call with jitted, sharded model calls and reports Recall@K."""
+  """Turns embeddings of a split (and optionally of training banks) into retrieval results."""
 
-  def __init__(self, model, loss, mesh, param_shardings, *, data_dir, split, text_len,
-               batch_size, ks=(1, 5, 10)):
-    n = batch_parallelism(mesh)
-    self.batch_size = -(-batch_size // n) * n  # a multiple of the batch-parallel devices
-    self.mesh, self.loss, self.ks = mesh, loss, tuple(ks)
-    self.data_dir, self.split, self.text_len = data_dir, split, text_len
-    tokens = loss.similarity == "late_interaction"
-    keep = (("image_tokens", "image_mask", "text_tokens", "text_mask") if tokens
-            else ("image_emb", "text_emb"))
+  def __init__(self, ranker, eval_cfg, late_interaction=False):
+    self.ranker, self.cfg, self.late = ranker, eval_cfg, late_interaction
 
-    def embed(params, image, text):
-      out = model.apply({"params": params}, image, text, tokens=tokens)
-      return {k: out[k] for k in keep}
+  def __call__(self, emb, bank=None):
+    """emb: {"image": {...}, "text": {...}, "caption_image": [T]} host arrays;
+    bank: the same for training records (enables the hubness variants)."""
+    c, r = self.cfg, self.ranker
+    img, txt, owner = emb["image"]["image_emb"], emb["text"]["text_emb"], emb["caption_image"]
+    n, t = len(img), len(txt)
+    images = np.arange(n)
+    ks, curve_k = tuple(c.ks), min(c.curve_max_k, n, t)
+    out, raw = {}, {}
+    raw["i2t"] = r.ranks(img, images, txt, owner)
+    raw["t2i"] = r.ranks(txt, owner, img, images)
+    out["pooled"] = summarise(raw["i2t"], raw["t2i"], ks, curve_k)
 
-    self._embed = jax.jit(embed, in_shardings=(param_shardings,
-                                               partitioning.batch_sharding(mesh),
-                                               partitioning.batch_sharding(mesh)),
-                          out_shardings=partitioning.batch_sharding(mesh))
-    self._late = jax.jit(filip_scores)
+    if bank is not None:
+      b_img, b_txt = bank["image"]["image_emb"], bank["text"]["text_emb"]
+      # i2t: image queries (bank: training images) over captions (bank: training captions).
+      for name, i2t_fix, t2i_fix in (
+          ("pooled_qb_norm",
+           hubness.qb_norm(r, txt, b_img, beta=c.hubness_beta, k=c.hubness_topk),
+           hubness.qb_norm(r, img, b_txt, beta=c.hubness_beta, k=c.hubness_topk)),
+          ("pooled_db_norm",
+           hubness.db_norm(r, txt, b_img, b_txt, beta_query=c.hubness_beta,
+                           beta_gallery=c.hubness_beta_gallery),
+           hubness.db_norm(r, img, b_txt, b_img, beta_query=c.hubness_beta,
+                           beta_gallery=c.hubness_beta_gallery))):
+        out[name] = summarise(r.ranks(img, images, txt, owner, **i2t_fix),
+                              r.ranks(txt, owner, img, images, **t2i_fix), ks, curve_k)
 
-  def embed_split(self, params):
-    """-> dict of host numpy arrays over the whole split, in record order."""
-    parts = []
-    sh = partitioning.batch_sharding(self.mesh)
-    per_process = self.batch_size // jax.process_count()
-    lo = jax.process_index() * per_process
-    for batch in eval_batches(self.data_dir, batch_size=self.batch_size,
-                              text_len=self.text_len, split=self.split):
-      n = len(batch["text"])
-      pad = self.batch_size - n  # the last batch is padded to keep one compiled shape
-      arrays = [np.pad(batch[k], [(0, pad)] + [(0, 0)] * (batch[k].ndim - 1))
-                for k in ("image", "text")]
-      image, text = (jax.make_array_from_process_local_data(sh, a[lo:lo + per_process])
-                     for a in arrays)
-      with partitioning.activate(self.mesh):
-        out = self._embed(params, image, text)
-      out = multihost_utils.process_allgather(out, tiled=True)
-      parts.append({k: np.asarray(v)[:n] for k, v in out.items()})
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-  def scores(self, emb, block=64):
-    if self.loss.similarity == "pooled":
-      return emb["image_emb"] @ emb["text_emb"].T
-    # Late interaction, a block of images against all texts at a time to bound memory.
-    i2t, t2i = [], []
-    for lo in range(0, len(emb["image_tokens"]), block):
-      s = self._late(jnp.asarray(emb["image_tokens"][lo:lo + block]),
-                     jnp.asarray(emb["image_mask"][lo:lo + block]),
-                     jnp.asarray(emb["text_tokens"]), jnp.asarray(emb["text_mask"]))
-      i2t.append(np.asarray(s[0]))
-      t2i.append(np.asarray(s[1]))
-    return np.concatenate(i2t), np.concatenate(t2i)
-
-  def __call__(self, params, step):
-    emb = self.embed_split(params)
-    n = len(next(iter(emb.values())))
-    result = recall_at_k(self.scores(emb), self.ks)
-    return {"step": int(step), "split": self.split, "num_pairs": int(n),
-            "similarity": self.loss.similarity, **result}
+    primary = "pooled"
+    if self.late:
+      li = _late_inputs(emb)
+      if n * t <= c.filip_exact_max_pairs:
+        s_i, s_t = late_interaction.exact_scores(*li["image"], *li["text"])
+        exact = (ranking.rank_dense(s_i, images, owner), ranking.rank_dense(s_t.T, owner, images))
+        out["filip_exact"] = summarise(*exact, ks, curve_k)
+      rerank = []
+      for (q, qk, g, go, pooled, kind_q, kind_g) in (
+          (img, images, txt, owner, raw["i2t"], "image", "text"),
+          (txt, owner, img, images, raw["t2i"], "text", "image")):
+        k = min(c.filip_rerank_k, len(g))
+        _, cand = r.top_k(q, g, k)
+        scores = late_interaction.rerank_scores(*li[kind_q], *li[kind_g], cand)
+        rerank.append(late_interaction.two_stage_ranks(cand, scores, qk, go, pooled))
+      out["filip_rerank"] = summarise(*rerank, ks, curve_k)
+      out["filip_rerank"]["k"] = int(c.filip_rerank_k)
+      if "filip_exact" in out:
+        out["filip_rerank"]["same_rank_as_exact"] = {
+            d: float(np.mean(a == b)) for d, a, b in zip(("i2t", "t2i"), rerank, exact)}
+      primary = "filip_exact" if "filip_exact" in out else "filip_rerank"
+    return {"primary": primary, "variants": out}
 
 
-def format_table(result, title=None):
-  """A small fixed-width table of Recall@K in percent."""
-  keys = list(result["i2t"])
-  title = title or (f"retrieval on '{result['split']}' at step {result['step']}: "
-                    f"{result['num_pairs']} pairs, {result['similarity']} scores, "
-                    f"chance R@1 = {100 / result['num_pairs']:.2f}%")
-  lines = [title, f"{'direction':<13}" + "".join(f"{k:>8}" for k in keys)]
-  for name, d in (("image->text", "i2t"), ("text->image", "t2i")):
-    lines.append(f"{name:<13}" + "".join(f"{100 * result[d][k]:>7.1f}%" for k in keys))
-  return "\n".join(lines)
-
-
-def write_result(workdir, result):
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "eval.json"), "w") as f:
-      json.dump(result, f, indent=2)
+def _late_inputs(emb):
+  return {"image": (emb["image"]["image_tokens"], emb["image"]["image_mask"]),
+          "text": (emb["text"]["text_tokens"], emb["text"]["text_mask"])}

@@ -1,10 +1,14 @@
 """`jaxret eval --workdir DIR [--step N]`: restore a checkpoint with the run's saved config
-and evaluate it (no data iterator, no optimizer step)."""
+and run the evaluations it names (no data iterator, no optimizer step); writes eval.json and
+plots/ in the workdir. `jaxret plot --workdir DIR` redraws the plots."""
 import os
+
+import jax
 
 from jaxret import config
 from jaxret.errors import UserError
-from jaxret.eval.retrieval import format_table, write_result
+from jaxret.eval.plots import plot_workdir
+from jaxret.eval.report import format_table, write_result
 
 
 def load_run_config(workdir):
@@ -33,12 +37,22 @@ def restore_params(exp, workdir, step=None):
   return state.params, step
 
 
-def evaluate_workdir(workdir, step=None):
+def evaluate_workdir(workdir, step=None, tasks=None, data_dir=None):
+  """`tasks` (names) and `data_dir` replace the run config's eval.tasks and data.dir."""
+  from jaxret.eval.suite import check_tasks
   from jaxret.train.loop import Experiment
   workdir = os.path.abspath(workdir)
-  exp = Experiment(load_run_config(workdir))
+  cfg = load_run_config(workdir)
+  if tasks:
+    cfg.eval.tasks = check_tasks(tuple(tasks))
+  if data_dir:
+    cfg.data.dir = data_dir
+  exp = Experiment(cfg)
   params, step = restore_params(exp, workdir, step)
   result = exp.evaluator()(params, step)
   write_result(workdir, result)
   print(format_table(result), flush=True)
+  if jax.process_index() == 0:
+    for path in plot_workdir(workdir):
+      print(f"wrote {path}", flush=True)
   return result
