@@ -31,6 +31,11 @@ def defaults() -> ml_collections.ConfigDict:
       embed_dim=128, image_proj=True, text_proj_bias=False,
       init_scale=1 / 0.07, init_bias=None, max_scale=100.0,
       act="gelu_tanh", ln_eps=1e-5,
+      # Memory and speed: compute dtype (params and optimizer state stay float32), per-block
+      # rematerialisation policy (see models/layers.py REMAT_POLICIES), nn.scan over layers.
+      dtype="float32", remat="none", scan=False,
+      # A folder written by `jaxret import-hf`: a fresh run starts from those weights.
+      init_from="",
       image=dict(size=64, patch_size=16, width=128, depth=2, num_heads=4, mlp_dim=512, pool="cls",
                  pre_norm=True, patch_bias=False),
       # vocab_size 0: take it from the data's tokenizer (a full-size config states it).
@@ -44,6 +49,9 @@ def defaults() -> ml_collections.ConfigDict:
                 filip_comm_dtype="float32", filip_special_tokens=True, filip_chunk=32)
 
   c.optim = dict(
+      name="adamw", mu_dtype="",  # mu_dtype "bfloat16": AdamW first moment in bf16
+      # GradCache: split each batch into this many micro-batches, exact contrastive gradients.
+      grad_accum_steps=1,
       lr=1e-3, end_lr=0.0, warmup_steps=100, weight_decay=0.1, b1=0.9, b2=0.98, eps=1e-6,
       grad_clip_norm=1.0,
       # Regex over '/'-joined parameter paths; only matching leaves get weight decay
@@ -214,7 +222,13 @@ def validate(cfg):
     raise UserError(f"unknown model.text.pool '{cfg.model.text.pool}'"
                     f"{did_you_mean(cfg.model.text.pool, text_mod.POOLS)}; valid: "
                     f"{', '.join(text_mod.POOLS)}")
-  from jaxret.models.layers import ACTIVATIONS
+  from jaxret.models.layers import ACTIVATIONS, REMAT_POLICIES
+  if cfg.model.remat not in REMAT_POLICIES:
+    raise UserError(f"unknown model.remat '{cfg.model.remat}'"
+                    f"{did_you_mean(cfg.model.remat, REMAT_POLICIES)}; valid: "
+                    f"{', '.join(REMAT_POLICIES)}")
+  if cfg.model.dtype not in ("float32", "bfloat16"):
+    raise UserError(f"model.dtype must be float32 or bfloat16, got '{cfg.model.dtype}'")
   if cfg.model.act not in ACTIVATIONS:
     raise UserError(f"unknown model.act '{cfg.model.act}'{did_you_mean(cfg.model.act, ACTIVATIONS)}"
                     f"; valid: {', '.join(ACTIVATIONS)}")
@@ -222,5 +236,17 @@ def validate(cfg):
   loss = losses.get_loss(cfg.loss.name, cfg.loss)  # UserErrors name the valid losses and options
   if loss.uses_bias and cfg.model.init_bias is None:
     raise UserError(f"loss '{loss.name}' needs a bias: set model.init_bias (SigLIP: -10)")
+  from jaxret.train.optim import OPTIMIZERS
+  if cfg.optim.name not in OPTIMIZERS:
+    raise UserError(f"unknown optim.name '{cfg.optim.name}'"
+                    f"{did_you_mean(cfg.optim.name, OPTIMIZERS)}; valid: {', '.join(OPTIMIZERS)}")
+  if cfg.optim.mu_dtype not in ("", "bfloat16", "float32"):
+    raise UserError(f"optim.mu_dtype must be '', 'float32' or 'bfloat16', got "
+                    f"'{cfg.optim.mu_dtype}'")
+  if cfg.optim.mu_dtype and cfg.optim.name != "adamw":
+    raise UserError(f"optim.mu_dtype applies to adamw only; unset it for '{cfg.optim.name}'")
+  if cfg.optim.grad_accum_steps < 1 or cfg.batch_size % cfg.optim.grad_accum_steps:
+    raise UserError(f"optim.grad_accum_steps ({cfg.optim.grad_accum_steps}) must be >= 1 and "
+                    f"divide batch_size ({cfg.batch_size})")
   if not math.isfinite(cfg.optim.lr) or cfg.optim.lr <= 0:
     raise UserError(f"optim.lr must be positive, got {cfg.optim.lr}")

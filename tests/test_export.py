@@ -47,6 +47,9 @@ VARIANTS = {
     "siglip-gelu-eps1e-6-no-biases": ("sigmoid", [
         "model.act=gelu", "model.ln_eps=1e-6", "model.image.patch_bias=false",
         "model.text_proj_bias=false"]),
+    # Scanned layers (stacked [depth] params) export through the same per-block table.
+    "clip-scanned": ("softmax", ["model.scan=true"]),
+    "siglip-scanned-remat": ("sigmoid", ["model.scan=true", "model.remat=full"]),
 }
 
 

@@ -16,11 +16,14 @@ import numpy as np
 
 from jaxret.errors import UserError
 from jaxret.export import convert, processor, targets
+from jaxret.models.two_tower import unscanned
 from jaxret.train.optim import param_paths
 
 
 def flatten(params):
-  """{'image/encoder/.../kernel': np.ndarray} (float32: the exported precision)."""
+  """{'image/encoder/.../kernel': np.ndarray} (float32: the exported precision), with scanned
+  encoders unstacked into their per-block names."""
+  params = unscanned(params)
   names = jax.tree.leaves(param_paths(params))
   return {n: np.asarray(jax.device_get(v), np.float32)
           for n, v in zip(names, jax.tree.leaves(params))}

@@ -4,6 +4,7 @@ Every parameter carries logical axis names ('embed', 'mlp', 'heads', 'kv', ...) 
 activations carry ('batch', 'length', ...); `jaxret.parallel.partitioning` maps them onto
 the mesh. Nothing here knows the mesh.
 """
+import functools
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -25,9 +26,10 @@ def logical(init, axes):
   return nn.with_logical_partitioning(init, axes)
 
 
-def layer_norm(eps, name):
+def layer_norm(eps, name, dtype=None):
+  # Statistics are computed in float32 by flax whatever `dtype` (the output dtype) is.
   return nn.LayerNorm(
-      epsilon=eps, name=name,
+      epsilon=eps, name=name, dtype=dtype,
       scale_init=logical(nn.initializers.ones, ("embed",)),
       bias_init=logical(nn.initializers.zeros, ("embed",)))
 
@@ -98,28 +100,81 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask=None):
-    y = layer_norm(self.ln_eps, "ln1")(x)
+    y = layer_norm(self.ln_eps, "ln1", self.dtype)(x)
     x = x + Attention(self.num_heads, self.dtype, name="attn")(y, y, mask)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-    y = layer_norm(self.ln_eps, "ln2")(x)
+    y = layer_norm(self.ln_eps, "ln2", self.dtype)(x)
     x = x + Mlp(self.mlp_dim, self.act, self.dtype, name="mlp")(y)
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
 
+# Named rematerialisation policies: what a block keeps from the forward pass for backward.
+REMAT_POLICIES = {
+    "none": None,                       # keep everything (no recomputation)
+    "full": "nothing_saveable",         # keep only block inputs; recompute the whole block
+    "dots": "checkpoint_dots",          # keep matmul outputs; recompute the elementwise rest
+    "dots_no_batch": "checkpoint_dots_with_no_batch_dims",  # keep only weight-like matmuls
+}
+
+
+class _ScanLayer(nn.Module):
+  """One step of the scanned encoder: (x, mask) -> (x, None), the block's params stacked."""
+  block: Any
+
+  @nn.compact
+  def __call__(self, x, mask):
+    return self.block(name="block")(x, mask), None
+
+
 class Encoder(nn.Module):
+  """`depth` pre-LN blocks, as a Python loop (params blockNN/...) or under `nn.scan` (params
+  layers/block/... with a leading [depth] axis: one compiled body, faster compiles for deep
+  models). `remat` names the policy for recomputing each block in the backward pass."""
   depth: int
   num_heads: int
   mlp_dim: int
   act: str = "gelu_tanh"
   ln_eps: float = 1e-5
   dtype: Dtype = jnp.float32
+  remat: str = "none"
+  scan: bool = False
 
   @nn.compact
   def __call__(self, x, mask=None):
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"unknown remat policy {self.remat!r}; valid: {', '.join(REMAT_POLICIES)}")
+    block = Block
+    if self.remat != "none":
+      policy = getattr(jax.checkpoint_policies, REMAT_POLICIES[self.remat])
+      # Under scan the loop already separates iterations, so CSE prevention is not needed.
+      block = nn.remat(Block, policy=policy, prevent_cse=not self.scan)
+    make = functools.partial(block, self.num_heads, self.mlp_dim, self.act, self.ln_eps,
+                             self.dtype)
+    if self.scan:
+      layers = nn.scan(_ScanLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+                       in_axes=nn.broadcast, length=self.depth,
+                       metadata_params={nn.PARTITION_NAME: "layers"})
+      x, _ = layers(make, name="layers")(x, mask)
+      return x
     for i in range(self.depth):
-      x = Block(self.num_heads, self.mlp_dim, self.act, self.ln_eps, self.dtype,
-                name=f"block{i:02d}")(x, mask)
+      x = make(name=f"block{i:02d}")(x, mask)
     return x
+
+
+def unstack_layers(encoder_params):
+  """Scanned encoder params (layers/block/... with a leading depth axis) -> blockNN/... ."""
+  if "layers" not in encoder_params:
+    return encoder_params
+  stacked = encoder_params["layers"]["block"]
+  depth = jax.tree.leaves(stacked)[0].shape[0]
+  return {f"block{i:02d}": jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(depth)}
+
+
+def stack_layers(encoder_params):
+  """The inverse of `unstack_layers`: blockNN/... -> layers/block/... ."""
+  names = sorted(k for k in encoder_params if k.startswith("block"))
+  blocks = [encoder_params[k] for k in names]
+  return {"layers": {"block": jax.tree.map(lambda *a: jnp.stack(a), *blocks)}}
 
 
 class MAPHead(nn.Module):
@@ -137,6 +192,6 @@ class MAPHead(nn.Module):
                        (1, 1, d))
     probe = jnp.broadcast_to(probe.astype(self.dtype), (x.shape[0], 1, d))
     x = Attention(self.num_heads, self.dtype, name="attn")(probe, x, mask)
-    y = layer_norm(self.ln_eps, "ln")(x)
+    y = layer_norm(self.ln_eps, "ln", self.dtype)(x)
     x = x + Mlp(self.mlp_dim, self.act, self.dtype, name="mlp")(y)
     return x[:, 0]

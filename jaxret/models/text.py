@@ -27,6 +27,8 @@ class TextTransformer(nn.Module):
   act: str = "gelu_tanh"
   ln_eps: float = 1e-5
   dtype: Any = jnp.float32
+  remat: str = "none"
+  scan: bool = False
 
   @nn.compact
   def __call__(self, text):
@@ -41,8 +43,8 @@ class TextTransformer(nn.Module):
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     mask = nn.make_causal_mask(text) if self.causal else None
     x = Encoder(self.depth, self.num_heads, self.mlp_dim, self.act, self.ln_eps, self.dtype,
-                name="encoder")(x, mask)
-    x = layer_norm(self.ln_eps, "ln_final")(x)
+                self.remat, self.scan, name="encoder")(x, mask)
+    x = layer_norm(self.ln_eps, "ln_final", self.dtype)(x)
     if self.pool == "eos":
       # First end-of-text token; rows without one (truncated input) pool their last position.
       is_eos = text == self.eos_id

@@ -16,7 +16,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxret.models.layers import logical
+from jaxret.models.layers import logical, stack_layers, unstack_layers
 from jaxret.models.text import TextTransformer
 from jaxret.models.vit import ViT
 
@@ -85,20 +85,42 @@ class TwoTower(nn.Module):
             **self.temperature()}
 
 
-def build_model(model_cfg, *, vocab_size=None, pad_id=0, eos_id=2, dtype=jnp.float32) -> TwoTower:
+def build_model(model_cfg, *, vocab_size=None, pad_id=0, eos_id=2) -> TwoTower:
   """A TwoTower from the `model` section of a config; vocabulary facts come from the tokenizer
   (or, for abstract shapes without data, from `model.text.vocab_size`)."""
   i, t = model_cfg.image, model_cfg.text
+  dtype = jnp.dtype(model_cfg.dtype)  # compute dtype; parameters stay float32
   vocab_size = vocab_size or t.vocab_size
   if not vocab_size:
     raise ValueError("build_model needs vocab_size, from the tokenizer or model.text.vocab_size")
   image = ViT(patch_size=i.patch_size, width=i.width, depth=i.depth, num_heads=i.num_heads,
               mlp_dim=i.mlp_dim, pool=i.pool, pre_norm=i.pre_norm, patch_bias=i.patch_bias,
-              act=model_cfg.act, ln_eps=model_cfg.ln_eps, dtype=dtype)
+              act=model_cfg.act, ln_eps=model_cfg.ln_eps, dtype=dtype, remat=model_cfg.remat,
+              scan=model_cfg.scan)
   text = TextTransformer(vocab_size=vocab_size, max_len=t.max_len, width=t.width, depth=t.depth,
                          num_heads=t.num_heads, mlp_dim=t.mlp_dim, causal=t.causal, pool=t.pool,
-                         eos_id=eos_id, act=model_cfg.act, ln_eps=model_cfg.ln_eps, dtype=dtype)
+                         eos_id=eos_id, act=model_cfg.act, ln_eps=model_cfg.ln_eps, dtype=dtype,
+                         remat=model_cfg.remat, scan=model_cfg.scan)
   return TwoTower(image=image, text=text, embed_dim=model_cfg.embed_dim,
                   image_proj=model_cfg.image_proj, text_proj_bias=model_cfg.text_proj_bias,
                   init_scale=model_cfg.init_scale, init_bias=model_cfg.init_bias,
                   max_scale=model_cfg.max_scale, pad_id=pad_id, dtype=dtype)
+
+
+def _map_encoders(params, fn):
+  out = dict(params)
+  for tower in ("image", "text"):
+    if tower in out and "encoder" in out[tower]:
+      out[tower] = {**out[tower], "encoder": fn(out[tower]["encoder"])}
+  return out
+
+
+def unscanned(params):
+  """Params with scanned encoders laid out per block (blockNN/...): the one layout that
+  export and import speak, whatever `model.scan` was."""
+  return _map_encoders(params, unstack_layers)
+
+
+def scanned(params):
+  """The inverse of `unscanned`, for a model built with `model.scan=True`."""
+  return _map_encoders(params, lambda e: e if "layers" in e else stack_layers(e))

@@ -26,6 +26,8 @@ class ViT(nn.Module):
   act: str = "gelu_tanh"
   ln_eps: float = 1e-5
   dtype: Any = jnp.float32
+  remat: str = "none"
+  scan: bool = False
 
   @nn.compact
   def __call__(self, image):
@@ -46,11 +48,11 @@ class ViT(nn.Module):
                      (1, x.shape[1], d))
     x = x + pos.astype(x.dtype)
     if self.pre_norm:
-      x = layer_norm(self.ln_eps, "ln_pre")(x)
+      x = layer_norm(self.ln_eps, "ln_pre", self.dtype)(x)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     x = Encoder(self.depth, self.num_heads, self.mlp_dim, self.act, self.ln_eps, self.dtype,
-                name="encoder")(x)
-    x = layer_norm(self.ln_eps, "ln_post")(x)
+                self.remat, self.scan, name="encoder")(x)
+    x = layer_norm(self.ln_eps, "ln_post", self.dtype)(x)
     if self.pool == "cls":
       pooled = x[:, 0]
     elif self.pool == "gap":

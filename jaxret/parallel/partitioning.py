@@ -21,6 +21,7 @@ RULES = (
     ("kv", None),
     ("length", None),
     ("joint", None),
+    ("layers", None),  # the stacked axis of scanned encoder blocks
 )
 
 

@@ -22,7 +22,7 @@ from jaxret.parallel import partitioning
 from jaxret.parallel.mesh import batch_parallelism, make_mesh
 from jaxret.train.checkpoint import Checkpointer
 from jaxret.train.optim import make_optimizer
-from jaxret.train.state import init_state, state_shardings
+from jaxret.train.state import init_state, load_initial_params, state_shardings
 from jaxret.train.step import make_train_step
 from jaxret.train.writers import MetricWriter
 
@@ -115,6 +115,9 @@ def train(cfg, workdir, *, stop_after_step=None, progress=True, devices=None):
   if start is None:
     start = 0
     state = init_state(exp.model, exp.tx, exp.mesh, cfg.model.image.size, cfg.seed, exp.state_sh)
+    if cfg.model.init_from:
+      state = state.replace(params=load_initial_params(
+          cfg.model.init_from, exp.abstract_state.params, exp.state_sh.params, cfg.model.scan))
   else:
     state = ckpt.restore(start, exp.abstract_state, data)
   if jax.process_index() == 0:
@@ -124,7 +127,8 @@ def train(cfg, workdir, *, stop_after_step=None, progress=True, devices=None):
       print(f"resuming {workdir} from step {start}", flush=True)
 
   writer = MetricWriter(workdir, resume_step=start)
-  step_fn = make_train_step(exp.model, exp.loss, exp.tx, exp.schedule, exp.mesh, exp.state_sh)
+  step_fn = make_train_step(exp.model, exp.loss, exp.tx, exp.schedule, exp.mesh, exp.state_sh,
+                            cfg.optim.grad_accum_steps)
   evaluate = exp.evaluator()
   bar = tqdm.tqdm(total=cfg.total_steps, initial=start, disable=not progress or
                   jax.process_index() != 0, desc=f"train {cfg.loss.name}", unit="step",

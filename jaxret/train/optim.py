@@ -25,14 +25,27 @@ def make_schedule(optim_cfg, total_steps):
       decay_steps=total_steps, end_value=optim_cfg.end_lr)
 
 
+OPTIMIZERS = ("adamw", "lamb")
+
+
 def make_optimizer(optim_cfg, total_steps):
-  """-> (optax transformation, learning-rate schedule)."""
+  """-> (optax transformation, learning-rate schedule).
+
+  adamw: AdamW (decoupled weight decay); `mu_dtype` bfloat16 halves the first moment's memory.
+  lamb: LAMB (layer-wise trust ratio), as FILIP trained with.
+  """
   schedule = make_schedule(optim_cfg, total_steps)
+  decay_mask = lambda params: regex_mask(params, optim_cfg.decay_regex)  # noqa: E731
   parts = []
   if optim_cfg.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(optim_cfg.grad_clip_norm))
-  parts.append(optax.adamw(
-      schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
-      weight_decay=optim_cfg.weight_decay,
-      mask=lambda params: regex_mask(params, optim_cfg.decay_regex)))
+  if optim_cfg.name == "adamw":
+    parts.append(optax.adamw(
+        schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
+        weight_decay=optim_cfg.weight_decay, mask=decay_mask,
+        mu_dtype=optim_cfg.mu_dtype or None))
+  else:
+    parts.append(optax.lamb(
+        schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
+        weight_decay=optim_cfg.weight_decay, mask=decay_mask))
   return optax.chain(*parts), schedule

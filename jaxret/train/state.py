@@ -52,3 +52,31 @@ def init_state(model, tx, mesh, image_size, seed, shardings):
 
   with partitioning.activate(mesh):
     return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
+
+
+def load_initial_params(path, abstract_params, param_shardings, scan):
+  """Weights written by `jaxret import-hf` (per-block layout), checked against the model and
+  placed in the run's shardings; a fresh run starts from them."""
+  import os
+
+  from jaxret.errors import UserError
+  from jaxret.export.hf_import import load_imported
+  from jaxret.models.two_tower import scanned
+  from jaxret.train.optim import param_paths
+
+  if not os.path.isdir(os.path.join(path, "params")):
+    raise UserError(f"model.init_from '{path}' is not a folder written by `jaxret import-hf` "
+                    "(no params/ inside); run `jaxret import-hf HF_DIR --out FOLDER` first")
+  params = load_imported(path)
+  if scan:
+    params = scanned(params)
+  got = dict(zip(jax.tree.leaves(param_paths(params)), jax.tree.leaves(params)))
+  want = dict(zip(jax.tree.leaves(param_paths(abstract_params)), jax.tree.leaves(abstract_params)))
+  for name in sorted(set(got) | set(want)):
+    if name not in got or name not in want or tuple(got[name].shape) != tuple(want[name].shape):
+      have = tuple(got[name].shape) if name in got else "nothing"
+      need = tuple(want[name].shape) if name in want else "nothing"
+      raise UserError(f"model.init_from '{path}' does not fit this model: parameter '{name}' is "
+                      f"{have} there but {need} here; set the model section from its model.json")
+  params = jax.tree.map(lambda a, ref: jnp.asarray(a, ref.dtype), params, abstract_params)
+  return jax.device_put(params, param_shardings)

@@ -7,16 +7,28 @@ import optax
 
 from jaxret.parallel import partitioning
 from jaxret.parallel.mesh import BATCH_AXES
+from jaxret.train import grad_cache
 
 
-def make_train_step(model, loss, tx, schedule, mesh, state_sh):
+def loss_and_grads(model, loss, params, batch, *, mesh, accum_steps=1):
+  """-> (loss, model outputs, grads) for one global batch; with accum_steps > 1 the exact
+  GradCache form, whose activation memory is one micro-batch's."""
+  if accum_steps > 1:
+    return grad_cache.value_and_grad(model, loss, params, batch, mesh=mesh, axes=BATCH_AXES,
+                                     steps=accum_steps)
+
+  def loss_fn(p):
+    out = model.apply({"params": p}, batch["image"], batch["text"], tokens=loss.needs_tokens)
+    return loss.fn(out, mesh=mesh, axes=BATCH_AXES, options=loss.options), out
+
+  (value, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  return value, out, grads
+
+
+def make_train_step(model, loss, tx, schedule, mesh, state_sh, accum_steps=1):
   def train_step(state, batch):
-    def loss_fn(params):
-      out = model.apply({"params": params}, batch["image"], batch["text"],
-                        tokens=loss.needs_tokens)
-      return loss.fn(out, mesh=mesh, axes=BATCH_AXES, options=loss.options), out
-
-    (value, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    value, out, grads = loss_and_grads(model, loss, state.params, batch, mesh=mesh,
+                                       accum_steps=accum_steps)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": value, "scale": out["scale"], "lr": schedule(state.step),
