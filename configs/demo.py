@@ -32,6 +32,9 @@ def get_config(loss="softmax"):
   c.optim.update(lr=1e-3, warmup_steps=60, weight_decay=0.05, b2=0.98)
 
   c.loss.name = loss
+  # The demo's 17 image and 20 text tokens are few: FILIP scores all of them (the paper's 25%
+  # selection is for hundreds of tokens per example).
+  c.loss.filip_token_fraction = 1.0
   if loss == "sigmoid":
     # SigLIP's towers: no image projection (the MAP head output is the embedding), a biased
     # text head; exportable as transformers' SiglipModel.

@@ -44,9 +44,9 @@ def defaults() -> ml_collections.ConfigDict:
   )
   c.model.init_bias = ml_collections.config_dict.placeholder(float)
 
-  # Loss kernel options: see jaxret/losses/registry.py OPTIONS (filip_* only affect FILIP).
-  c.loss = dict(name="softmax", impl="all_gather", filip_token_fraction=1.0,
-                filip_comm_dtype="float32", filip_special_tokens=True, filip_chunk=32)
+  # Loss kernel options and their defaults live with the kernels (jaxret/losses/registry.py).
+  from jaxret.losses.registry import OPTIONS
+  c.loss = dict(name="softmax", **OPTIONS)
 
   c.optim = dict(
       name="adamw", mu_dtype="",  # mu_dtype "bfloat16": AdamW first moment in bf16
