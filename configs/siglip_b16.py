@@ -8,6 +8,7 @@ sigmoid loss with t' = log 10 and b = -10, SentencePiece vocabulary of 32k, cont
 The batch and schedule follow the paper's 32k batch; set total_steps for your data budget.
 """
 from jaxret.config import defaults
+from jaxret.models.presets import VIT
 
 
 def get_config(arg=None):
@@ -21,8 +22,7 @@ def get_config(arg=None):
 
   c.model.update(embed_dim=768, image_proj=False, text_proj_bias=True, init_scale=10.0,
                  init_bias=-10.0, act="gelu_tanh", ln_eps=1e-6)
-  c.model.image.update(size=224, patch_size=16, width=768, depth=12, num_heads=12, mlp_dim=3072,
-                       pool="map", pre_norm=False, patch_bias=True)
+  c.model.image.update(size=224, pool="map", pre_norm=False, patch_bias=True, **VIT["B/16"])
   c.model.text.update(vocab_size=32000, max_len=64, width=768, depth=12, num_heads=12,
                       mlp_dim=3072, causal=False, pool="last")
   c.loss.name = "sigmoid"

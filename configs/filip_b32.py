@@ -1,0 +1,30 @@
+"""FILIP ViT-B/32 (Yao et al. 2021): CLIP-style towers (ViT-B/32 image, 12-layer causal text,
+512 wide) projected to a shared 256-dim space, token-wise late-interaction loss
+keeping each example's top 25% of tokens, texts sent in half precision, LAMB optimiser.
+
+The architecture and the efficiency settings are the paper's (§3.1, §3.1.2). Its optimiser
+numbers (Tables 8-9) could not be checked where this file was written: lr, weight decay and
+warmup below are starting values to verify against the paper before a full run.
+
+  jaxret train --config configs/filip_b32.py --workdir gs://BUCKET/filip_b32 \
+      --config.data.dir=gs://BUCKET/records
+"""
+from jaxret.config import defaults
+from jaxret.models.presets import clip_towers
+
+
+def get_config(arg=None):
+  del arg
+  c = clip_towers(defaults(), "B/32", "base", embed_dim=256)
+  c.model.update(dtype="bfloat16", remat="dots_no_batch", scan=True)
+  c.batch_size = 10240
+  c.total_steps = 300_000
+  c.log_every = 100
+  c.eval_every = 10_000
+  c.checkpoint.update(every=2000, keep=3)
+  c.loss.update(name="filip", impl="ring", filip_token_fraction=0.25,
+                filip_comm_dtype="float16", filip_special_tokens=True)
+  c.optim.update(name="lamb", lr=8e-4, warmup_steps=5000, weight_decay=3e-3, b1=0.9,
+                 b2=0.999, eps=1e-6, grad_clip_norm=0.0)
+  c.data.dir = "data/filip"
+  return c
