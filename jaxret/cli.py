@@ -58,6 +58,13 @@ def _parser():
                                      "(e.g. the fine-tuning data's); default: the folder's")
   h.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
+  i = sub.add_parser("inspect", help="plan a config on a mesh of any size without allocating",
+                     epilog="Override config keys with --config.KEY=VALUE.")
+  i.add_argument("--config", required=True, help="path/to/config.py[:arg]")
+  i.add_argument("--mesh", default="", help="e.g. data=64,fsdp=4,tensor=1 (default: 1 device)")
+  i.add_argument("--no-compile", action="store_true",
+                 help="skip compiling one device's step (no activation or FLOP figures)")
+
   d = sub.add_parser("data", help="data tools")
   dsub = d.add_subparsers(dest="data_command", required=True)
   demo = dsub.add_parser("demo", help="build the embedded demo data set")
@@ -83,8 +90,9 @@ def _split_overrides(argv):
 def run(argv):
   argv, overrides = _split_overrides(argv)
   args = _parser().parse_args(argv)
-  if overrides and args.command != "train":
-    raise UserError(f"--config.{overrides[0]}: config overrides only apply to `jaxret train`")
+  if overrides and args.command not in ("train", "inspect"):
+    raise UserError(f"--config.{overrides[0]}: config overrides apply to `jaxret train` and "
+                    "`jaxret inspect` only")
 
   if args.command == "train":
     from jaxret.parallel.mesh import initialize_distributed
@@ -94,6 +102,12 @@ def run(argv):
     from jaxret.train.loop import train
     cfg = config.load(args.config, overrides)
     train(cfg, args.workdir, progress=not args.no_progress)
+  elif args.command == "inspect":
+    from jaxret import config
+    from jaxret.parallel import planner
+    cfg = config.load(args.config, overrides)
+    p = planner.plan(cfg, planner.parse_mesh(args.mesh), compile_activations=not args.no_compile)
+    print(planner.format_plan(p, args.config))
   elif args.command == "eval":
     from jaxret.eval.run import evaluate_workdir
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None

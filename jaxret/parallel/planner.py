@@ -1,0 +1,137 @@
+"""`jaxret inspect`: will this config fit this mesh? Answered before launching, without the mesh.
+
+Parameters and optimizer state per device come from the same logical-axis rules training
+uses, evaluated on an AbstractMesh of any size (no devices, no allocation). Activations and
+FLOPs come from XLA itself: it compiles one device's train step (local batch, this machine's
+backend) and reports that program's temporary memory and cost.
+
+How good the activation figure is (checked against compiled sharded steps on 8 CPU devices):
+within a few percent for data parallel and FSDP with the softmax and sigmoid losses; low for
+tensor parallelism (resharding buffers) and for FILIP's all-gather form, whose gathered
+tokens grow with the global batch (use loss.impl=ring, whose memory is the local block's).
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import AbstractMesh, AxisType
+
+from jaxret import losses
+from jaxret.errors import UserError
+from jaxret.models.two_tower import build_model
+from jaxret.parallel import partitioning
+from jaxret.parallel.mesh import AXES, BATCH_AXES
+from jaxret.train.optim import make_optimizer, param_paths
+from jaxret.train.state import state_shardings
+
+GiB = 1024 ** 3
+
+
+def parse_mesh(text):
+  """'data=64,fsdp=4,tensor=1' -> {'data': 64, 'fsdp': 4, 'tensor': 1} (missing axes are 1)."""
+  sizes = dict.fromkeys(AXES, 1)
+  for part in filter(None, (text or "").split(",")):
+    name, eq, value = part.partition("=")
+    if not eq or name.strip() not in sizes or not value.strip().isdigit() or int(value) < 1:
+      raise UserError(f"--mesh '{text}': expected AXIS=SIZE pairs over {', '.join(AXES)}, "
+                      "e.g. data=64,fsdp=4,tensor=1")
+    sizes[name.strip()] = int(value)
+  return sizes
+
+
+def _bytes_per_device(abstract):
+  return sum(math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
+             for x in jax.tree.leaves(abstract))
+
+
+def plan(cfg, mesh_sizes, *, compile_activations=True):
+  """-> dict of the plan; `mesh_sizes` like {'data': 256, 'fsdp': 1, 'tensor': 1}."""
+  if not cfg.model.text.vocab_size:
+    raise UserError("inspect needs model.text.vocab_size (the config takes it from the data's "
+                    "tokenizer): pass --config.model.text.vocab_size=N")
+  mesh = AbstractMesh(tuple(mesh_sizes[a] for a in AXES), AXES,
+                      axis_types=(AxisType.Auto,) * len(AXES))
+  batch_devices = math.prod(mesh_sizes[a] for a in BATCH_AXES)
+  if cfg.batch_size % batch_devices:
+    raise UserError(f"batch_size {cfg.batch_size} does not split over data x fsdp = "
+                    f"{batch_devices} devices; change the batch or the mesh")
+  local_batch = cfg.batch_size // batch_devices
+  model = build_model(cfg.model)
+  tx, _ = make_optimizer(cfg.optim, cfg.total_steps)
+  abstract, _ = state_shardings(model, tx, mesh, cfg.model.image.size)
+
+  params = abstract.params
+  names = jax.tree.leaves(param_paths(params))
+  leaves = jax.tree.leaves(params)
+  towers = {}
+  for n, x in zip(names, leaves):
+    towers[n.split("/")[0]] = towers.get(n.split("/")[0], 0) + math.prod(x.shape)
+  result = {
+      "mesh": dict(mesh_sizes), "devices": mesh.size, "global_batch": cfg.batch_size,
+      "local_batch": local_batch, "parameters": sum(towers.values()), "by_tower": towers,
+      "params_bytes": _bytes_per_device(params),
+      "optimizer_bytes": _bytes_per_device(abstract.opt_state),
+      # The input batch: float32 images and int32 token ids, split over data x fsdp.
+      "batch_bytes": local_batch * (cfg.model.image.size ** 2 * 3 * 4 + cfg.model.text.max_len * 4),
+      "shardings": [(n, tuple(x.shape), str(x.dtype), tuple(x.sharding.spec),
+                     math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize)
+                    for n, x in zip(names, leaves)],
+  }
+  if compile_activations:
+    result.update(_one_device_program(cfg, model, tx, local_batch))
+  return result
+
+
+def _one_device_program(cfg, model, tx, local_batch):
+  """Temporary memory and FLOPs of one device's train step at the local batch.
+
+  Tensor parallelism splits activations too, so the temporaries are divided by the tensor
+  axis size in the report (an estimate; data and FSDP axes do not change them).
+  """
+  from jaxret.parallel.mesh import make_mesh
+  from jaxret.train.step import make_train_step
+  mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+  loss = losses.get_loss(cfg.loss.name, cfg.loss)
+  abstract, sh = state_shardings(model, tx, mesh, cfg.model.image.size)
+  s, n = cfg.model.image.size, cfg.model.text.max_len
+  bsh = partitioning.batch_sharding(mesh)
+  batch = {"image": jax.ShapeDtypeStruct((local_batch, s, s, 3), jnp.float32, sharding=bsh),
+           "text": jax.ShapeDtypeStruct((local_batch, n), jnp.int32, sharding=bsh)}
+  step = make_train_step(model, loss, tx, lambda i: 0.0, mesh, sh, cfg.optim.grad_accum_steps)
+  with partitioning.activate(mesh):
+    compiled = step.jitted.lower(abstract, batch).compile()
+  memory = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return {"activation_bytes": memory.temp_size_in_bytes,
+          "train_flops_per_example": float(cost.get("flops", 0.0)) / local_batch}
+
+
+def format_plan(p, config_name):
+  mesh = ",".join(f"{a}={p['mesh'][a]}" for a in AXES)
+  tp = p["mesh"]["tensor"]
+  lines = [f"{config_name} on mesh {mesh} ({p['devices']} devices): global batch "
+           f"{p['global_batch']}, {p['local_batch']} per data-parallel device",
+           f"parameters      {p['parameters'] / 1e6:,.1f}M  (" + ", ".join(
+               f"{k} {v / 1e6:,.1f}M" for k, v in p["by_tower"].items()) + ")"]
+  if "train_flops_per_example" in p:
+    lines.append(f"train FLOPs     {p['train_flops_per_example'] / 1e9:,.1f} GFLOP per example "
+                 "(forward + backward, XLA cost analysis)")
+  lines.append("memory per device")
+  lines.append(f"  parameters    {p['params_bytes'] / GiB:8.3f} GiB")
+  lines.append(f"  optimizer     {p['optimizer_bytes'] / GiB:8.3f} GiB")
+  lines.append(f"  input batch   {p['batch_bytes'] / GiB:8.3f} GiB")
+  total = p["params_bytes"] + p["optimizer_bytes"] + p["batch_bytes"]
+  if "activation_bytes" in p:
+    act = p["activation_bytes"] / tp
+    total += act
+    lines.append(f"  activations   {act / GiB:8.3f} GiB  (XLA temporaries of one device's step"
+                 + (f", / tensor={tp}" if tp > 1 else "") + ")")
+  lines.append(f"  total         {total / GiB:8.3f} GiB")
+  lines.append("parameter shardings (per-device bytes)")
+  width = max(len(n) for n, *_ in p["shardings"])
+  for name, shape, dtype, spec, nbytes in p["shardings"]:
+    spec_s = "(" + ", ".join("-" if a is None else (a if isinstance(a, str) else "+".join(a))
+                             for a in spec) + ")" if spec else "replicated"
+    lines.append(f"  {name:<{width}}  {str(shape):<22} {spec_s:<28} {nbytes / 2**20:10.2f} MiB")
+  return "\n".join(lines)
