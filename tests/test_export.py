@@ -289,3 +289,36 @@ def test_bad_requests_write_nothing(trained, tmp_path, capsys):
   _fails(["import-hf", str(tmp_path / "nowhere"), "--out", str(tmp_path / "imp")], capsys,
          "no config.json")
   assert not os.path.exists(tmp_path / "imp")
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_init_from_an_imported_model_starts_training_from_its_weights(trained, tiny_config,
+                                                                      tmp_path, scan):
+  """trained run -> export -> import-hf (back to the run's tokenizer) -> a new run with
+  model.init_from starts from exactly the trained weights (stacked when the new run scans)."""
+  from jaxret.train.loop import Experiment, train
+  from jaxret.train.state import load_initial_params
+  from jaxret.models.two_tower import scanned
+  cfg, workdir = trained
+  _, params, _, tok_path = hf.restore_on_cpu(workdir)
+  out, ckpt = str(tmp_path / "hf"), str(tmp_path / "imported")
+  cli.main(["export", "--workdir", workdir, "--out", out])
+  cli.main(["import-hf", out, "--out", ckpt, "--tokenizer", tok_path])
+
+  overrides = ["total_steps=1", "optim.warmup_steps=0", "checkpoint.every=0",
+               f"model.init_from={ckpt}", f"model.scan={str(scan).lower()}"]
+  exp = Experiment(tiny_config("softmax", *overrides))
+  start = load_initial_params(ckpt, exp.abstract_state.params, exp.state_sh.params, scan)
+  want = scanned(jax.device_get(params)) if scan else jax.device_get(params)
+  assert jax.tree.structure(start) == jax.tree.structure(want)
+  for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # And the wiring: a run with init_from trains from there.
+  assert train(tiny_config("softmax", *overrides), str(tmp_path / "run"), progress=False)
+
+
+def test_init_from_a_wrong_folder_is_one_line(tiny_config, tmp_path):
+  from jaxret.train.loop import train
+  with pytest.raises(UserError, match="not a folder written by `jaxret import-hf`"):
+    train(tiny_config("softmax", f"model.init_from={tmp_path}"), str(tmp_path / "w"),
+          progress=False)
