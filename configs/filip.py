@@ -1,21 +1,27 @@
-"""FILIP ViT-B/32 (Yao et al. 2021): CLIP-style towers (ViT-B/32 image, 12-layer causal text,
-512 wide) projected to a shared 256-dim space, token-wise late-interaction loss
-keeping each example's top 25% of tokens, texts sent in half precision, LAMB optimiser.
+"""FILIP (Yao et al. 2021): CLIP-style towers projected to a shared 256-dim space, token-wise
+late-interaction loss keeping each example's top 25% of tokens, texts sent in half precision,
+LAMB optimiser; the argument picks the variant:
 
+  jaxret train --config configs/filip.py:b32 --workdir gs://BUCKET/filip_b32 \
+      --config.data.dir=gs://BUCKET/records
+  jaxret train --config configs/filip.py:l14 --workdir gs://BUCKET/filip_l14 ...
+
+b32: ViT-B/32 image tower, 12-layer causal text tower 512 wide. l14: ViT-L/14, text 768 wide.
 The architecture and the efficiency settings are the paper's (§3.1, §3.1.2). Its optimiser
 numbers (Tables 8-9) could not be checked where this file was written: lr, weight decay and
 warmup below are starting values to verify against the paper before a full run.
-
-  jaxret train --config configs/filip_b32.py --workdir gs://BUCKET/filip_b32 \
-      --config.data.dir=gs://BUCKET/records
 """
 from jaxret.config import defaults
 from jaxret.models.presets import clip_towers
 
+VARIANTS = {"b32": ("B/32", "base"), "l14": ("L/14", "large")}
 
-def get_config(arg=None):
-  del arg
-  c = clip_towers(defaults(), "B/32", "base", embed_dim=256)
+
+def get_config(variant="b32"):
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown FILIP variant {variant!r}; valid: {', '.join(VARIANTS)}")
+  vit, text = VARIANTS[variant]
+  c = clip_towers(defaults(), vit, text, embed_dim=256)
   c.model.update(dtype="bfloat16", remat="dots_no_batch", scan=True)
   c.batch_size = 10240
   c.total_steps = 300_000
