@@ -58,6 +58,9 @@ def training_curves(rows, path):
   for k in keys:
     pts = [(r["step"], 100 * r[k]) for r in evals if k in r]
     ax.plot(*zip(*pts), marker="o", label=k.replace("eval/", ""))
+  steps = [r["step"] for r in rows]
+  if steps:  # the same step range as the loss, also when there is one evaluation
+    ax.set_xlim(0, max(steps) * 1.03)
   ax.set_xlabel("step")
   ax.set_ylabel("%")
   ax.set_title("evaluation (held-out split)")
