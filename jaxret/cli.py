@@ -73,6 +73,15 @@ def _parser():
   demo.add_argument("--num-test", type=int, default=1000)
   demo.add_argument("--source", default="auto", choices=("auto", "fashion-mnist", "digits"))
   demo.add_argument("--seed", type=int, default=0)
+  tt = dsub.add_parser("train-tokenizer", help="train a CLIP-style byte-level BPE on captions")
+  tt.add_argument("inputs", nargs="+", help="text files (one caption per line), or data dirs "
+                  "(every caption of their train split)")
+  tt.add_argument("--out", required=True, help="tokenizer.json to write; with --clip-files "
+                  "also vocab.json + merges.txt next to it")
+  tt.add_argument("--vocab-size", type=int, default=49408)
+  tt.add_argument("--min-frequency", type=int, default=2)
+  tt.add_argument("--clip-files", action="store_true",
+                  help="also write CLIP's vocab.json + merges.txt layout")
   return p
 
 
@@ -126,6 +135,10 @@ def run(argv):
     from jaxret.data.demo import build_demo
     build_demo(args.out, num_train=args.num_train, num_test=args.num_test, seed=args.seed,
                source=args.source)
+  elif args.command == "data" and args.data_command == "train-tokenizer":
+    from jaxret.data.tokenizers import train_tokenizer_cli
+    train_tokenizer_cli(args.inputs, args.out, vocab_size=args.vocab_size,
+                        min_frequency=args.min_frequency, clip_files=args.clip_files)
 
 
 def main(argv=None):

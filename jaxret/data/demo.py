@@ -49,6 +49,7 @@ FASHION_MNIST_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "san
 DIGIT_CLASSES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
                  "nine")
 SOURCES = ("auto", "fashion-mnist", "digits")
+DEMO_TOKENIZER = "bpe-1"  # Bump when the demo tokenizer changes, so old builds are rebuilt.
 
 COLOURS = {
     "red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255),
@@ -268,11 +269,10 @@ def _sha256(path):
 # ---------------------------------------------------------------- builder
 
 
-def _max_text_len(chosen):
+def _max_text_len(chosen, tokenizer):
   """Ids (with BOS and EOS) that hold every caption untruncated: a text_len hint."""
-  # Caption words are exactly the tokenizer's tokens (no punctuation but inner hyphens).
-  return 2 + max(len(c.split()) for scenes in chosen.values() for s in scenes
-                 for c in captions_for(s))
+  captions = sorted({c for scenes in chosen.values() for s in scenes for c in captions_for(s)})
+  return 2 + max(len(e.ids) for e in tokenizer.encode_batch(captions, add_special_tokens=False))
 
 
 def _existing(out_dir, params):
@@ -303,7 +303,7 @@ def build_demo(out_dir, *, num_train=40000, num_test=1000, seed=0, source="auto"
   out_dir = Path(out_dir)
   source = _resolve_source(source)
   params = {"num_train": int(num_train), "num_test": int(num_test), "seed": int(seed),
-            "source": source}
+            "source": source, "tokenizer": DEMO_TOKENIZER}
   manifest = _existing(out_dir, params)
   if manifest is not None:
     if progress:
@@ -329,7 +329,11 @@ def build_demo(out_dir, *, num_train=40000, num_test=1000, seed=0, source="auto"
 
   out_dir.mkdir(parents=True, exist_ok=True)
   (out_dir / sources.MANIFEST).unlink(missing_ok=True)  # Mark the dir unfinished.
-  tokenizers.build_word_level(_vocabulary_corpus(classes), out_dir / "tokenizer.json")
+  # The same trainer as `jaxret data train-tokenizer`; the corpus is small, so every demo
+  # word ends up one token (hyphenated words kept whole, as captions count them).
+  tokenizer = tokenizers.train_bpe(_vocabulary_corpus(classes), out_dir / "tokenizer.json",
+                                   vocab_size=4096, min_frequency=1,
+                                   word_pattern=tokenizers.WORD_OR_PUNCT)
   splits = {}
   with tqdm(total=num_train + num_test, desc=f"demo scenes ({source})", unit="scene",
             disable=not progress) as bar:
@@ -341,7 +345,7 @@ def build_demo(out_dir, *, num_train=40000, num_test=1000, seed=0, source="auto"
   manifest = {
       "format": sources.FORMAT, "name": "demo", "source": source, "image_size": IMAGE_SIZE,
       "tokenizer": "tokenizer.json", "classes": list(classes), "colours": list(COLOURS),
-      "cells": list(CELLS), "max_text_len": _max_text_len(chosen), "params": params,
+      "cells": list(CELLS), "max_text_len": _max_text_len(chosen, tokenizer), "params": params,
       "splits": splits,
   }
   (out_dir / sources.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

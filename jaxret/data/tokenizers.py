@@ -1,27 +1,40 @@
-"""Text tokenizers: HF `tokenizers` files in, fixed-length int32 id arrays out.
+"""Text tokenizers: tokenizer files in, fixed-length int32 id arrays out.
 
-Every text becomes `[BOS] tokens... [EOS] [PAD]...` of exactly `max_len` ids.
+Every text becomes `BOS tokens... EOS PAD...` of exactly `max_len` ids.
 Too long texts lose tokens from the end but keep EOS as the last real token, so a
 model that pools at EOS always finds it.
 
-The demo builds a word-level tokenizer here (`build_word_level`); converted
-datasets can ship any HF `tokenizer.json` that defines [PAD], [BOS] and [EOS].
+Files `load_tokenizer` reads:
+  * an HF `tokenizer.json` (what `jaxret data train-tokenizer` and the demo write);
+  * CLIP's `vocab.json` + `merges.txt` (a folder holding both, or the vocab.json path):
+    byte-level BPE with CLIP's cleanup (NFC, whitespace runs -> one space, lower case),
+    the same ids as transformers' CLIPTokenizer; OpenAI's files have 49408 tokens and
+    context 77;
+  * a SentencePiece `.model` (SigLIP-style towers; no BOS unless the model has one).
+Special tokens are found by name: jaxret's [PAD] [BOS] [EOS] (export needs these names),
+CLIP's <|startoftext|> <|endoftext|> (padding with <|endoftext|>, as transformers does).
 """
 
+import json
 from pathlib import Path
 
 import numpy as np
 import tokenizers as hf
-from tokenizers import models, normalizers, pre_tokenizers, processors
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from jaxret.errors import UserError
 
 PAD, BOS, EOS, UNK = "[PAD]", "[BOS]", "[EOS]", "[UNK]"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)  # Built with ids 0..3, so padding is id 0.
+CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
+# OpenAI CLIP's word pattern (contractions, letter runs, single digits, symbol runs).
+CLIP_PATTERN = (r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|"
+                r"[\p{N}]|[^\s\p{L}\p{N}]+")
+END_OF_WORD = "</w>"
 
 # Words keep inner hyphens ('t-shirt' is one token, so decoding gives it back
 # unchanged); punctuation runs become their own tokens; whitespace is dropped.
-_WORD_OR_PUNCT = r"[\w-]+|[^\w\s]+"
+WORD_OR_PUNCT = r"[\w-]+|[^\w\s]+"
 
 
 def _normalizer():
@@ -29,7 +42,7 @@ def _normalizer():
 
 
 def _pre_tokenizer():
-  return pre_tokenizers.Split(hf.Regex(_WORD_OR_PUNCT), behavior="removed", invert=True)
+  return pre_tokenizers.Split(hf.Regex(WORD_OR_PUNCT), behavior="removed", invert=True)
 
 
 def build_word_level(texts, path):
@@ -55,41 +68,153 @@ def build_word_level(texts, path):
   tok.save(str(path))
 
 
+def _clip_pipeline(tok):
+  """CLIP's text cleanup, word split, byte-level alphabet and decoding, set on `tok`."""
+  tok.normalizer = normalizers.Sequence(
+      [normalizers.NFC(), normalizers.Replace(hf.Regex(r"\s+"), " "), normalizers.Lowercase()])
+  tok.pre_tokenizer = pre_tokenizers.Sequence([
+      pre_tokenizers.Split(hf.Regex(CLIP_PATTERN), behavior="removed", invert=True),
+      pre_tokenizers.ByteLevel(add_prefix_space=False)])
+  # Bytes back to text, then each end-of-word mark back to a space.
+  tok.decoder = decoders.Sequence([decoders.ByteLevel(), decoders.Replace(END_OF_WORD, " "),
+                                   decoders.Strip(" ", 0, 1)])
+  return tok
+
+
+def clip_bpe(vocab, merges, unk=None):
+  """An HF tokenizer equal to transformers' CLIPTokenizer over `vocab` (token -> id) and
+  `merges` ([(a, b)] in rank order)."""
+  unk = unk or (CLIP_EOS if CLIP_EOS in vocab else UNK)
+  tok = hf.Tokenizer(models.BPE(vocab, [tuple(m) for m in merges], continuing_subword_prefix="",
+                                end_of_word_suffix=END_OF_WORD, fuse_unk=False, unk_token=unk))
+  _clip_pipeline(tok)
+  specials = [t for t in (PAD, BOS, EOS, UNK, CLIP_BOS, CLIP_EOS) if t in vocab]
+  tok.add_special_tokens(specials)
+  bos, eos = _find(tok, _BOS_NAMES), _find(tok, _EOS_NAMES)
+  if bos and eos:  # For people who use the tokenizer.json directly: BOS/EOS framing.
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos[0]} $A {eos[0]}", special_tokens=[bos, eos])
+  return tok
+
+
+def read_clip_files(vocab_path, merges_path):
+  """CLIP's vocab.json + merges.txt -> (vocab dict, merges list)."""
+  try:
+    vocab = json.loads(Path(vocab_path).read_text(encoding="utf-8"))
+    lines = Path(merges_path).read_text(encoding="utf-8").splitlines()
+  except (OSError, ValueError) as e:
+    raise UserError(f"cannot read CLIP tokenizer files '{vocab_path}', '{merges_path}' ({e}): "
+                    "check the paths") from None
+  # merges.txt: an optional '#version' header, then 'a b' per line (OpenAI's has no blanks).
+  merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+  bad = [m for m in merges if len(m) != 2]
+  if not isinstance(vocab, dict) or bad:
+    raise UserError(f"'{vocab_path}' / '{merges_path}' are not CLIP vocab/merges files "
+                    f"(e.g. merge line {bad[:1]}): use the files of a CLIP checkpoint")
+  return vocab, merges
+
+
+def save_clip_files(tok, out_dir):
+  """Writes an HF BPE tokenizer's vocab.json + merges.txt (CLIP's layout) into `out_dir`."""
+  spec = json.loads(tok.to_str())
+  vocab = dict(spec["model"]["vocab"])
+  for t in spec.get("added_tokens") or []:
+    vocab.setdefault(t["content"], t["id"])
+  merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+  out_dir = Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+  (out_dir / "merges.txt").write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges),
+                                      encoding="utf-8")
+
+
+def train_bpe(texts, path, *, vocab_size=49408, min_frequency=2, specials=SPECIAL_TOKENS,
+              word_pattern=None):
+  """Trains a CLIP-style byte-level BPE on `texts`; writes tokenizer.json to `path`.
+
+  Ids: `specials` (0..), the 256 bytes, each byte ending a word (`x</w>`, so no text is
+  ever unknown), then merges in rank order, up to `vocab_size` tokens in all. Trained
+  by HF's trainer, which breaks ties between equally frequent pairs in hash order: the same
+  texts give the same size but not always the same ids, so ship the file with the data
+  (the demo's corpus is small enough that every word becomes one token either way).
+  `word_pattern` replaces CLIP's word split (the demo keeps hyphenated words whole).
+  """
+  byte_chars = sorted(pre_tokenizers.ByteLevel.alphabet())
+  base = list(specials) + byte_chars + [c + END_OF_WORD for c in byte_chars]
+  if vocab_size < len(base):
+    raise UserError(f"vocab size {vocab_size} is smaller than the {len(base)} special and "
+                    "byte tokens a byte-level BPE needs: ask for more")
+  tok = hf.Tokenizer(models.BPE(continuing_subword_prefix="", end_of_word_suffix=END_OF_WORD,
+                                unk_token=UNK if UNK in specials else None))
+  _clip_pipeline(tok)
+  if word_pattern:
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(hf.Regex(word_pattern), behavior="removed", invert=True),
+        # No GPT-2 split after ours: it would cut 't-shirt' at the hyphen.
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+  trainer = trainers.BpeTrainer(
+      vocab_size=vocab_size, min_frequency=min_frequency,
+      special_tokens=list(specials), initial_alphabet=byte_chars, show_progress=False,
+      end_of_word_suffix=END_OF_WORD, continuing_subword_prefix="")
+  tok.train_from_iterator(list(texts), trainer)
+  merges = json.loads(tok.to_str())["model"]["merges"]
+  merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
+  vocab = {t: i for i, t in enumerate(base)}
+  for a, b in merges:
+    if len(vocab) >= vocab_size:
+      break
+    vocab.setdefault(a + b, len(vocab))
+  merges = [(a, b) for a, b in merges if a + b in vocab and a in vocab and b in vocab]
+  out = clip_bpe(vocab, merges, unk=UNK if UNK in specials else None)
+  out.pre_tokenizer = tok.pre_tokenizer
+  out.save(str(path))
+  return out
+
+
+_BOS_NAMES = (BOS, CLIP_BOS, "<s>")
+_EOS_NAMES = (EOS, CLIP_EOS, "</s>")
+_PAD_NAMES = (PAD, "<pad>")
+
+
+def _find(tok, names):
+  """(name, id) of the first of `names` in `tok`'s vocabulary, or None."""
+  for name in names:
+    i = tok.token_to_id(name)
+    if i is not None:
+      return name, i
+  return None
+
+
 class Tokenizer:
   """Fixed-length encoder over an HF tokenizer; see the module docstring for the layout."""
 
   def __init__(self, hf_tokenizer, max_len, path="<tokenizer>"):
     self._tok = hf_tokenizer
     self.max_len = int(max_len)
-    ids = {}
-    for name in (PAD, BOS, EOS):
-      ids[name] = hf_tokenizer.token_to_id(name)
-      if ids[name] is None:
+    bos, eos = _find(hf_tokenizer, _BOS_NAMES), _find(hf_tokenizer, _EOS_NAMES)
+    pad = _find(hf_tokenizer, _PAD_NAMES) or (eos if eos and eos[0] == CLIP_EOS else None)
+    for name, found in ((PAD, pad), (BOS, bos), (EOS, eos)):
+      if found is None:
         raise UserError(f"tokenizer '{path}' has no {name} token: use a tokenizer.json that "
-                        f"defines {PAD}, {BOS} and {EOS} (the demo's does)")
-    self.pad_id, self.bos_id, self.eos_id = ids[PAD], ids[BOS], ids[EOS]
+                        f"defines {PAD}, {BOS} and {EOS} (the demo's does) or CLIP's "
+                        f"{CLIP_BOS} and {CLIP_EOS}")
+    self.pad_id, self.bos_id, self.eos_id = pad[1], bos[1], eos[1]
     self.vocab_size = hf_tokenizer.get_vocab_size(with_added_tokens=True)
 
-  def _frame(self, encodings):
-    out = np.full((len(encodings), self.max_len), self.pad_id, np.int32)
-    keep = self.max_len - 2
-    for row, enc in zip(out, encodings):
-      ids = enc.ids[:keep]
-      row[0] = self.bos_id
-      row[1:1 + len(ids)] = ids
-      row[1 + len(ids)] = self.eos_id
-    return out
+  def _frame(self, id_lists):
+    return frame(id_lists, self.max_len, self.bos_id, self.eos_id, self.pad_id)
 
   def encode_batch(self, texts):
     """list of str -> int32 [len(texts), max_len]."""
     if isinstance(texts, str):
       raise TypeError("encode_batch takes a list of strings; use encode() for one string")
-    return self._frame(self._tok.encode_batch(list(texts), add_special_tokens=False))
+    return self._frame([e.ids for e in
+                        self._tok.encode_batch(list(texts), add_special_tokens=False)])
 
   def encode(self, text):
     """str -> int32 [max_len]."""
     # Single encode: no thread pool inside HF, so it is cheap per grain element.
-    return self._frame([self._tok.encode(text, add_special_tokens=False)])[0]
+    return self._frame([self._tok.encode(text, add_special_tokens=False).ids])[0]
 
   def decode(self, ids):
     """ids (any int sequence) -> text, without BOS/EOS/PAD."""
@@ -97,18 +222,120 @@ class Tokenizer:
                             skip_special_tokens=True)
 
 
+def frame(id_lists, max_len, bos_id, eos_id, pad_id):
+  """Token id lists -> int32 [n, max_len]: BOS (unless None) ids EOS PAD..., truncated."""
+  out = np.full((len(id_lists), max_len), pad_id, np.int32)
+  start = 0 if bos_id is None else 1
+  keep = max_len - 1 - start
+  for row, ids in zip(out, id_lists):
+    ids = list(ids)[:keep]
+    if start:
+      row[0] = bos_id
+    row[start:start + len(ids)] = ids
+    row[start + len(ids)] = eos_id
+  return out
+
+
+class SentencePieceTokenizer:
+  """Fixed-length encoder over a SentencePiece model (SigLIP-style text towers).
+
+  Layout: [BOS] (only if the model defines one) pieces... EOS PAD...; PAD is the model's pad
+  id, or EOS when it has none.
+  """
+
+  def __init__(self, path, max_len):
+    import sentencepiece as spm
+    self.path, self.max_len = str(path), int(max_len)
+    try:
+      self._sp = spm.SentencePieceProcessor(model_file=self.path)
+    except Exception as e:  # sentencepiece raises OSError/RuntimeError with C++ text.
+      raise UserError(f"'{path}' is not a SentencePiece model ({e}): use the tokenizer "
+                      "the checkpoint was trained with") from None
+    sp = self._sp
+    self.eos_id = sp.eos_id() if sp.eos_id() >= 0 else None
+    if self.eos_id is None:
+      raise UserError(f"SentencePiece model '{path}' has no end token (eos_id): train it "
+                      "with one")
+    self.bos_id = sp.bos_id() if sp.bos_id() >= 0 else None
+    self.pad_id = sp.pad_id() if sp.pad_id() >= 0 else self.eos_id
+    self.vocab_size = sp.get_piece_size()
+
+  def encode_batch(self, texts):
+    if isinstance(texts, str):
+      raise TypeError("encode_batch takes a list of strings; use encode() for one string")
+    return frame(self._sp.encode(list(texts)), self.max_len, self.bos_id, self.eos_id,
+                 self.pad_id)
+
+  def encode(self, text):
+    return self.encode_batch([text])[0]
+
+  def decode(self, ids):
+    specials = {self.bos_id, self.eos_id, self.pad_id}
+    return self._sp.decode([int(i) for i in np.asarray(ids).reshape(-1) if i not in specials])
+
+
+def _load_hf(path):
+  """tokenizer.json, or CLIP vocab.json + merges.txt (folder or vocab.json path) -> HF."""
+  if path.is_dir():
+    if (path / "tokenizer.json").is_file():
+      path = path / "tokenizer.json"
+    elif (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+      return clip_bpe(*read_clip_files(path / "vocab.json", path / "merges.txt"))
+    else:
+      raise UserError(f"tokenizer folder '{path}' has neither tokenizer.json nor CLIP's "
+                      "vocab.json + merges.txt")
+  elif path.name.endswith("vocab.json"):
+    merges = path.with_name(path.name.replace("vocab.json", "merges.txt"))
+    return clip_bpe(*read_clip_files(path, merges))
+  try:
+    return hf.Tokenizer.from_file(str(path))
+  except Exception as e:  # The HF error is a Rust parse message; name the file instead.
+    raise UserError(f"tokenizer file '{path}' is not a valid HF tokenizer.json ({e}): "
+                    "rebuild the data or replace the file") from None
+
+
 def load_tokenizer(path, max_len):
-  """Loads an HF tokenizer.json as a `Tokenizer` producing `max_len` ids per text."""
+  """Loads a tokenizer file (see the module docstring) producing `max_len` ids per text."""
   path = Path(path)
   if int(max_len) < 2:
     raise UserError(f"text length {max_len} is too short: it must be at least 2 "
                     "(room for BOS and EOS); raise the text length in the config")
+  if path.suffix == ".model" and path.is_file():
+    return SentencePieceTokenizer(path, max_len)
+  if path.is_dir():
+    return Tokenizer(_load_hf(path), max_len, path)
   if not path.is_file():
     raise UserError(f"tokenizer file '{path}' not found: rebuild the data with "
                     "`jaxret data demo --out DIR`, or put an HF tokenizer.json there")
-  try:
-    hf_tok = hf.Tokenizer.from_file(str(path))
-  except Exception as e:  # The HF error is a Rust parse message; name the file instead.
-    raise UserError(f"tokenizer file '{path}' is not a valid HF tokenizer.json ({e}): "
-                    "rebuild the data or replace the file") from None
-  return Tokenizer(hf_tok, max_len, path)
+  return Tokenizer(_load_hf(path), max_len, path)
+
+
+def _caption_corpus(inputs):
+  """Captions from text files (one per line) or data dirs (their train split's records)."""
+  from jaxret.data import sources  # sources imports nothing from here; keeps import light.
+  for item in inputs:
+    item = Path(item)
+    if item.is_dir():
+      for raw in sources.open_split(item, "train"):
+        try:
+          yield from (c for c in sources.decode_record(raw)["captions"] if isinstance(c, str))
+        except UserError:
+          continue  # A broken record has no captions worth learning from.
+    elif item.is_file():
+      with open(item, encoding="utf-8", errors="replace") as f:
+        yield from (line.rstrip("\n") for line in f if line.strip())
+    else:
+      raise UserError(f"caption corpus '{item}' not found: pass text files or data dirs")
+
+
+def train_tokenizer_cli(inputs, out, *, vocab_size, min_frequency, clip_files=False):
+  """`jaxret data train-tokenizer`: trains on the captions of `inputs`, writes `out`."""
+  texts = list(_caption_corpus(inputs))
+  if not texts:
+    raise UserError(f"no captions found in {', '.join(map(str, inputs))}")
+  out = Path(out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tok = train_bpe(texts, out, vocab_size=vocab_size, min_frequency=min_frequency)
+  if clip_files:
+    save_clip_files(tok, out.parent)
+  print(f"tokenizer: {tok.get_vocab_size()} tokens from {len(texts)} captions -> '{out}'")
