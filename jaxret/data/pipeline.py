@@ -10,7 +10,12 @@ MapDataset (index-addressable), so the iterator state is one integer and `set_st
 resumes exactly, also across epochs.
 
 Evaluation: records in file order -> decode -> captions[0] -> tokenize -> batch
-(last batch may be smaller), with the caption strings kept for display.
+(last batch may be smaller), with the caption strings kept for display; broken records are
+left out.
+
+Broken records (undecodable image, no usable caption) never stop training: element i of the
+order is replaced by the next usable record (transforms.SkipBad), a rule of the index alone,
+so the guarantees above hold; the iterator counts them (`skipped`) in its resumable state.
 
 Elements are read by an in-process thread pool; worker processes are not used yet.
 """
@@ -19,6 +24,7 @@ import os
 from pathlib import Path
 
 import grain
+import numpy as np
 
 from jaxret.data import sources, transforms
 from jaxret.errors import UserError
@@ -73,11 +79,42 @@ def train_iterator(data_dir, *, batch_size, text_len, seed, process_index=None,
   ds = (records.seed(seed)
         .shuffle()
         .repeat(None)  # reseed_each_epoch (default): a new order every epoch.
-        .map(transforms.DecodeRecord(manifest["image_size"]))
+        .map(transforms.DecodeRecord(manifest["image_size"], skip_bad=True)))
+  ds = (transforms.SkipBad(ds)
         .random_map(transforms.RandomCaption())
         .map(_tokenize(data_dir, manifest, text_len))
         .batch(batch_size, drop_remainder=True))[index::count]
-  return iter(ds.to_iter_dataset(_read_options(batch_size)))
+  return CountSkipped(iter(ds.to_iter_dataset(_read_options(batch_size))))
+
+
+class CountSkipped(grain.DatasetIterator):
+  """Takes the per-row "skipped" marks out of each batch and keeps their running total
+  (`skipped`, this process's rows) in the iterator state, so it survives resume."""
+
+  def __init__(self, parent):
+    super().__init__(parent)
+    self.skipped = 0
+
+  def __next__(self):
+    batch = next(self._parent)
+    self.skipped += int(batch.pop("skipped").sum())
+    return batch
+
+  def get_state(self):
+    return {"parent": self._parent.get_state(), "skipped": self.skipped}
+
+  def set_state(self, state):
+    self._parent.set_state(state["parent"])
+    self.skipped = int(state["skipped"])
+
+
+def skipped_total(iterator):
+  """Broken records skipped so far by every process (a collective when there are several)."""
+  import jax
+  if jax.process_count() == 1:
+    return iterator.skipped
+  from jax.experimental import multihost_utils
+  return int(multihost_utils.process_allgather(np.int64(iterator.skipped)).sum())
 
 
 def eval_batches(data_dir, *, batch_size, text_len, split="test"):
@@ -89,7 +126,8 @@ def eval_batches(data_dir, *, batch_size, text_len, split="test"):
   _check_batch_size(batch_size)
   manifest = sources.load_manifest(data_dir)
   ds = (grain.MapDataset.source(sources.open_split(data_dir, split))
-        .map(transforms.DecodeRecord(manifest["image_size"]))
+        .map(transforms.DecodeRecord(manifest["image_size"], skip_bad=True))
+        .filter(transforms.DropBad())
         .map(transforms.FirstCaption())
         .map(_tokenize(data_dir, manifest, text_len, keep_caption=True)))
   ds = ds.to_iter_dataset(_read_options(batch_size))
@@ -100,11 +138,12 @@ class _WholeRecord(grain.transforms.Map):
   """Evaluation of several captions and of labels: image, every caption and the meta."""
 
   def __init__(self, image_size):
-    self.decode = transforms.DecodeRecord(image_size)
+    self.decode = transforms.DecodeRecord(image_size, skip_bad=True)
 
   def map(self, element):
     out = self.decode.map(element)
-    out["meta"] = sources.decode_record(element).get("meta", {})
+    if "bad" not in out:
+      out["meta"] = sources.decode_record(element).get("meta", {})
     return out
 
 
@@ -120,5 +159,6 @@ def eval_records(data_dir, *, batch_size, split="test", max_records=None):
   ds = grain.MapDataset.source(sources.open_split(data_dir, split))
   if max_records is not None and max_records < len(ds):
     ds = ds[:max_records]
-  ds = ds.map(_WholeRecord(manifest["image_size"])).to_iter_dataset(_read_options(batch_size))
+  ds = (ds.map(_WholeRecord(manifest["image_size"])).filter(transforms.DropBad())
+        .to_iter_dataset(_read_options(batch_size)))
   return ds.batch(batch_size, drop_remainder=False, batch_fn=transforms.collate)

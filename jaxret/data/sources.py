@@ -71,8 +71,32 @@ def split_files(data_dir, split, manifest=None):
 
 
 def open_split(data_dir, split):
-  """Random-access source of `split`'s raw records (bytes; see `decode_record`)."""
-  return grain.sources.ArrayRecordDataSource([str(p) for p in split_files(data_dir, split)])
+  """Random-access source of `split`'s raw records (bytes; see `decode_record`).
+
+  Every shard is opened and counted here, so an unreadable or truncated one fails now, with
+  its path, not mid-run (a damaged ArrayRecord file opens fine but reports no records).
+  """
+  manifest = load_manifest(data_dir)
+  paths = split_files(data_dir, split, manifest)
+  from array_record.python.array_record_module import ArrayRecordReader
+  counts = {}
+  for path in paths:
+    try:
+      reader = ArrayRecordReader(str(path))
+      counts[path] = reader.num_records()
+      reader.close()
+    except Exception as e:  # array_record raises RuntimeError/OSError with C++ status text.
+      counts[path] = f"{type(e).__name__}: {e}"
+    want = manifest["splits"][split].get("shard_records", {}).get(path.name)
+    if isinstance(counts[path], str) or counts[path] == 0 or want not in (None, counts[path]):
+      raise UserError(f"shard '{path}' cannot be read (found {counts[path]} records"
+                      f"{'' if want is None else f', the manifest says {want}'}): the file is "
+                      "damaged or truncated; reconvert or re-copy it")
+  total, want = sum(counts.values()), manifest["splits"][split].get("num_records")
+  if want is not None and total != want:
+    raise UserError(f"split '{split}' of '{data_dir}' has {total} records in its shards but the "
+                    f"manifest says {want}: a shard was replaced or truncated; reconvert")
+  return grain.sources.ArrayRecordDataSource([str(p) for p in paths])
 
 
 def decode_record(raw):

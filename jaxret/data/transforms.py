@@ -14,21 +14,123 @@ from jaxret.data import sources, tokenizers
 from jaxret.errors import UserError
 
 
-class DecodeRecord(grain.transforms.Map):
-  """Raw bytes -> {"image": float32 [H,W,3] in [-1,1], "captions": [str]}."""
+def to_rgb(im):
+  """Any PIL mode -> 8-bit RGB: 16-bit/float gray rescaled, alpha composited on white,
+  CMYK/palette/gray converted."""
+  if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    a = np.asarray(im, np.float32)
+    scale = 257.0 if im.mode.startswith("I;16") or a.max(initial=0) > 255 else 1.0
+    im = Image.fromarray(np.clip(a / scale, 0, 255).astype(np.uint8), "L")
+  if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+    im = im.convert("RGBA")
+    white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+    im = Image.alpha_composite(white, im)
+  return im.convert("RGB")
 
-  def __init__(self, image_size):
+
+def clean_captions(captions):
+  """Usable captions: non-empty strings (bytes decoded as UTF-8), stripped."""
+  if isinstance(captions, (str, bytes)):
+    captions = [captions]
+  if not isinstance(captions, (list, tuple)):
+    return []
+  out = []
+  for c in captions:
+    if isinstance(c, bytes):
+      c = c.decode("utf-8", errors="replace")
+    if isinstance(c, str) and c.strip():
+      out.append(c.strip())
+  return out
+
+
+class BadRecord(Exception):
+  """A record training skips (undecodable image, no usable caption...)."""
+
+
+def decode_image(data):
+  """Encoded image bytes -> uint8 [H,W,3]; BadRecord if it cannot be fully decoded."""
+  try:
+    with Image.open(io.BytesIO(data)) as im:
+      im.load()  # Decode now: a truncated file fails here, not later.
+      return np.asarray(to_rgb(im))
+  except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBomb...
+    raise BadRecord(f"undecodable image ({type(e).__name__}: {e})") from None
+
+
+class DecodeRecord(grain.transforms.Map):
+  """Raw bytes -> {"image": float32 [H,W,3] in [-1,1], "captions": [str]}.
+
+  With `skip_bad`, a record that cannot be used becomes {"bad": reason} (for SkipBad below)
+  instead of raising.
+  """
+
+  def __init__(self, image_size, skip_bad=False):
     self.image_size = int(image_size)
+    self.skip_bad = skip_bad
+
+  def decode(self, element):
+    """-> (uint8 image [H,W,3], captions); BadRecord when unusable."""
+    try:
+      record = sources.decode_record(element)
+    except UserError as e:
+      raise BadRecord(str(e)) from None
+    captions = clean_captions(record["captions"])
+    if not captions:
+      raise BadRecord(f"no usable caption in {record['captions']!r:.80}")
+    if not isinstance(record["image"], bytes):
+      raise BadRecord(f"image is {type(record['image']).__name__}, not encoded bytes")
+    return decode_image(record["image"]), captions
 
   def map(self, element):
-    record = sources.decode_record(element)
-    with Image.open(io.BytesIO(record["image"])) as im:
-      image = np.asarray(im.convert("RGB"), np.float32)
+    try:
+      image, captions = self.decode(element)
+    except BadRecord as e:
+      if self.skip_bad:
+        return {"bad": str(e)}
+      raise UserError(f"bad record: {e}; reconvert the data") from None
     if image.shape[:2] != (self.image_size, self.image_size):
       # Caught here, not as a shape error deep in batching or in the model.
       raise UserError(f"record image is {image.shape[1]}x{image.shape[0]} but the manifest "
                       f"says image_size {self.image_size}: fix the manifest or reconvert")
-    return {"image": image / 127.5 - 1.0, "captions": list(record["captions"])}
+    return {"image": image.astype(np.float32) / 127.5 - 1.0, "captions": captions}
+
+
+class DropBad(grain.transforms.Filter):
+  """Evaluation: leaves broken records out (the order of the rest is unchanged)."""
+
+  def filter(self, element):
+    return "bad" not in element
+
+
+MAX_BAD_RUN = 1000  # Consecutive broken records before we call the data broken, not noisy.
+
+
+class SkipBad(grain.MapDataset):
+  """Element i is record i if usable, else the next usable record of the order (i+1, ...),
+  marked "skipped": 1 so the record is counted once, at its own position.
+
+  A deterministic rule of the index, so batches stay the same for any number of processes
+  and resume exactly.
+  """
+
+  def __init__(self, parent):
+    super().__init__(parent)
+
+  def __len__(self):
+    return len(self._parent)
+
+  def __str__(self):
+    return "SkipBad"
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    for j in range(MAX_BAD_RUN):
+      element = self._parent[index + j]
+      if "bad" not in element:
+        return {**element, "skipped": np.int32(j > 0)}
+    raise UserError(f"{MAX_BAD_RUN} broken records in a row (the last: {element['bad']}): "
+                    "the data set is broken; reconvert it")
 
 
 class RandomCaption(grain.transforms.RandomMap):
@@ -36,7 +138,9 @@ class RandomCaption(grain.transforms.RandomMap):
 
   def random_map(self, element, rng):
     captions = element["captions"]
-    return {"image": element["image"], "caption": captions[rng.integers(len(captions))]}
+    out = {k: v for k, v in element.items() if k != "captions"}
+    out["caption"] = captions[rng.integers(len(captions))]
+    return out
 
 
 class FirstCaption(grain.transforms.Map):
@@ -66,7 +170,8 @@ class Tokenize(grain.transforms.Map):
     return self._tokenizer
 
   def map(self, element):
-    out = {"image": element["image"], "text": self.tokenizer.encode(element["caption"])}
+    out = {k: v for k, v in element.items() if k != "caption"}
+    out["text"] = self.tokenizer.encode(element["caption"])
     if self.keep_caption:
       out["caption"] = element["caption"]
     return out

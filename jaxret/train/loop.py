@@ -12,7 +12,7 @@ import numpy as np
 import tqdm
 
 from jaxret import losses
-from jaxret.data.pipeline import train_iterator
+from jaxret.data.pipeline import skipped_total, train_iterator
 from jaxret.data.sources import load_manifest
 from jaxret.data.tokenizers import load_tokenizer
 from jaxret.errors import UserError
@@ -144,12 +144,14 @@ def train(cfg, workdir, *, stop_after_step=None, progress=True, devices=None):
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         now = time.perf_counter()
         metrics["examples_per_s"] = cfg.batch_size * (step - last_logged) / (now - t0)
+        metrics["data/skipped"] = skipped_total(data)  # broken records so far (cumulative)
         t0, last_logged = now, step
         if not np.isfinite(metrics["loss"]):
           raise FloatingPointError(f"loss is {metrics['loss']} at step {step}; lower optim.lr "
                                    "or check the data")
         writer.write(step, metrics)
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", ex_s=f"{metrics['examples_per_s']:.0f}")
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", ex_s=f"{metrics['examples_per_s']:.0f}",
+                        **({"skipped": metrics["data/skipped"]} if metrics["data/skipped"] else {}))
       bar.update(1)
       if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.total_steps:
         result = evaluate(state.params, step)
