@@ -82,6 +82,19 @@ def _parser():
   tt.add_argument("--min-frequency", type=int, default=2)
   tt.add_argument("--clip-files", action="store_true",
                   help="also write CLIP's vocab.json + merges.txt layout")
+  cv = dsub.add_parser("convert", help="image folder + JSONL/CSV captions, or webdataset tars, "
+                       "to ArrayRecord shards + manifest (rerun to resume)")
+  cv.add_argument("--out", required=True)
+  cv.add_argument("--images", help="image folder (with --captions)")
+  cv.add_argument("--captions", help="JSONL or CSV of image path and caption(s)")
+  cv.add_argument("--tars", nargs="+", help="webdataset tar shards (image + .txt/.json)")
+  cv.add_argument("--split", default="train")
+  cv.add_argument("--image-size", type=int, default=224)
+  cv.add_argument("--shard-size", type=int, default=1000, help="images per shard (folders)")
+  cv.add_argument("--tokenizer", help="tokenizer file/folder to ship (default: train a BPE "
+                  "on the captions)")
+  cv.add_argument("--vocab-size", type=int, default=49408, help="for the trained tokenizer")
+  cv.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
   return p
 
 
@@ -139,6 +152,11 @@ def run(argv):
     from jaxret.data.tokenizers import train_tokenizer_cli
     train_tokenizer_cli(args.inputs, args.out, vocab_size=args.vocab_size,
                         min_frequency=args.min_frequency, clip_files=args.clip_files)
+  elif args.command == "data" and args.data_command == "convert":
+    from jaxret.data.convert import convert
+    convert(args.out, split=args.split, images=args.images, captions=args.captions,
+            tars=args.tars, shard_size=args.shard_size, image_size=args.image_size,
+            tokenizer=args.tokenizer, workers=args.workers, vocab_size=args.vocab_size)
 
 
 def main(argv=None):
