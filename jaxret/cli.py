@@ -88,6 +88,11 @@ def _parser():
   cv.add_argument("--images", help="image folder (with --captions)")
   cv.add_argument("--captions", help="JSONL or CSV of image path and caption(s)")
   cv.add_argument("--tars", nargs="+", help="webdataset tar shards (image + .txt/.json)")
+  cv.add_argument("--tfds", help="TFDS dataset name or prepared folder (ArrayRecord format)")
+  cv.add_argument("--tfds-data-dir", help="TFDS data_dir holding --tfds NAME")
+  cv.add_argument("--tfds-split", help="TFDS split to read (default: --split)")
+  cv.add_argument("--image-key", help="TFDS image feature (default: the first image feature)")
+  cv.add_argument("--caption-key", help="TFDS caption feature (default: the first text one)")
   cv.add_argument("--split", default="train")
   cv.add_argument("--image-size", type=int, default=224)
   cv.add_argument("--shard-size", type=int, default=1000, help="images per shard (folders)")
@@ -155,7 +160,9 @@ def run(argv):
   elif args.command == "data" and args.data_command == "convert":
     from jaxret.data.convert import convert
     convert(args.out, split=args.split, images=args.images, captions=args.captions,
-            tars=args.tars, shard_size=args.shard_size, image_size=args.image_size,
+            tars=args.tars, tfds=args.tfds, tfds_data_dir=args.tfds_data_dir,
+            tfds_split=args.tfds_split, image_key=args.image_key, caption_key=args.caption_key,
+            shard_size=args.shard_size, image_size=args.image_size,
             tokenizer=args.tokenizer, workers=args.workers, vocab_size=args.vocab_size)
 
 

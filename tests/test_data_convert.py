@@ -119,3 +119,44 @@ def test_webdataset_tars_via_cli(tmp_path):
   assert m["splits"]["train"]["num_records"] == 10 and m["splits"]["train"]["skipped"] == 2
   caps = [msgpack.unpackb(x)["captions"] for x in sources.open_split(out, "train")]
   assert caps[3] == ["json caption 000003"] and caps[0] == ["text caption 000000"]
+
+
+def test_tfds_dataset_read_without_tensorflow(tmp_path):
+  """A tiny TFDS dataset prepared here in ArrayRecord form (images passed as PNG bytes)."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+
+  class TinyCaptions(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "label": tfds.features.ClassLabel(num_classes=3),
+          "photo": tfds.features.Image(shape=(None, None, 3)),
+          "texts": tfds.features.Sequence(tfds.features.Text())}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples(9)}
+
+    def _generate_examples(self, n):
+      for i in range(n):
+        yield i, {"label": i % 3, "photo": image_bytes(i, "PNG"),
+                  "texts": [f"tfds {i}", f"again {i}"] if i != 4 else []}
+
+  builder = TinyCaptions(data_dir=str(tmp_path / "tfds"), file_format="array_record")
+  builder.download_and_prepare()
+  out = tmp_path / "out"
+  m = convert.convert(out, tfds=builder.data_dir, shard_size=4, image_size=SIZE,
+                      vocab_size=700, workers=1, progress=False)
+  s = m["splits"]["train"]
+  assert (s["num_records"], s["skipped"], len(s["files"])) == (8, 1, 3)
+  caps = sorted(c for x in sources.open_split(out, "train") for c in msgpack.unpackb(x)["captions"])
+  assert caps == sorted([f"tfds {i}" for i in range(9) if i != 4] +
+                        [f"again {i}" for i in range(9) if i != 4])
+  by_name = convert.convert(tmp_path / "out2", tfds="tiny_captions",
+                            tfds_data_dir=str(tmp_path / "tfds"), shard_size=4, image_size=SIZE,
+                            tokenizer=out / "tokenizer.json", workers=1, progress=False)
+  assert by_name["splits"]["train"]["num_records"] == 8
+
+  def content(d):  # meta names the source (folder vs name), so compare images and captions
+    return [(r["image"], r["captions"]) for r in map(msgpack.unpackb, sources.open_split(d, "train"))]
+  assert content(tmp_path / "out2") == content(out)

@@ -8,6 +8,10 @@ Inputs:
   tar     --tars A.tar B.tar ...: webdataset members grouped by key (the name up to the
           first dot): an image (.jpg/.jpeg/.png/.webp) and a caption (.txt, or .json with
           "caption"/"captions"/"text").
+  tfds    --tfds NAME or a prepared dataset folder (--tfds-data-dir, --tfds-split): any TFDS
+          dataset with an image and a text (or sequence of texts) feature, read with
+          `tfds.data_source` (ArrayRecord files, no TensorFlow); --image-key/--caption-key
+          pick the features (default: the first image and the first text feature).
 Each image is made RGB, resized (shorter side) and center-cropped to --image-size, and stored
 as JPEG (quality 95); images that cannot be decoded or have no caption are left out and
 counted in the manifest ("skipped").
@@ -130,11 +134,57 @@ def _tar_items(tar_path):
     yield image, captions, {"source": f"{os.path.basename(tar_path)}:{key}"}
 
 
+def _tfds_source(spec):
+  """(name or folder, data_dir, split) -> a random-access TFDS data source."""
+  import tensorflow_datasets as tfds
+  name, data_dir, split = spec
+  try:
+    if Path(name, "dataset_info.json").is_file():
+      return tfds.builder_from_directory(name).as_data_source(split)
+    return tfds.data_source(name, split=split, data_dir=data_dir)
+  except Exception as e:  # TFDS raises many types for unknown names/splits/formats.
+    raise UserError(f"cannot open TFDS dataset '{name}' split '{split}' ({type(e).__name__}: "
+                    f"{e}); prepare it in ArrayRecord format (file_format='array_record')"
+                    ) from None
+
+
+def tfds_keys(source, image_key=None, caption_key=None):
+  """The image and caption feature names of a TFDS source (given, or the first of each)."""
+  import tensorflow_datasets as tfds
+  feats = source.dataset_info.features
+  def first(kind):
+    for k, f in feats.items():
+      inner = f.feature if isinstance(f, tfds.features.Sequence) else f
+      if isinstance(inner, kind):
+        return k
+    return None
+  image_key = image_key or first(tfds.features.Image)
+  caption_key = caption_key or first(tfds.features.Text)
+  for role, key in (("image", image_key), ("caption", caption_key)):
+    if key not in feats:
+      raise UserError(f"TFDS features {sorted(feats)} have no {role} feature {key!r}: pass "
+                      f"--{role}-key")
+  return image_key, caption_key
+
+
+def _tfds_items(spec, keys, start, stop):
+  source = _tfds_source(spec)
+  for i in range(start, stop):
+    ex = source[i]
+    buf = io.BytesIO()
+    try:
+      Image.fromarray(ex[keys[0]]).save(buf, "PNG")
+    except Exception:  # A malformed image array: left out like an undecodable file.
+      buf = io.BytesIO()
+    yield buf.getvalue(), _captions_of({"caption": ex[keys[1]]}), {"source": f"{spec[0]}:{i}"}
+
+
 def _write_shard(job):
   """Writes one shard (a tuple of plain data, so it pickles into worker processes)."""
   out_dir, name, kind, arg, image_size = job
   from array_record.python.array_record_module import ArrayRecordWriter
-  items = _tar_items(arg) if kind == "tar" else _folder_items(*arg)
+  items = {"tar": _tar_items, "folder": _folder_items, "tfds": _tfds_items}[kind](
+      *((arg,) if kind == "tar" else arg))
   tmp = Path(out_dir) / (name + ".tmp")
   writer = ArrayRecordWriter(str(tmp), "group_size:1")
   count = skipped = 0
@@ -165,10 +215,17 @@ def _sha256(path):
   return h.hexdigest()
 
 
-def plan(out_dir, split, *, images=None, captions=None, tars=None, shard_size=1000,
-         image_size=224):
+def plan(out_dir, split, *, images=None, captions=None, tars=None, tfds=None,
+         tfds_data_dir=None, tfds_split=None, image_key=None, caption_key=None,
+         shard_size=1000, image_size=224):
   """-> [job] for `_write_shard`, one per output shard, in order."""
-  if tars:
+  if tfds:
+    spec = (str(tfds), tfds_data_dir and str(tfds_data_dir), tfds_split or split)
+    source = _tfds_source(spec)
+    keys = tfds_keys(source, image_key, caption_key)
+    parts = [("tfds", (spec, keys, i, min(i + shard_size, len(source))))
+             for i in range(0, len(source), shard_size)]
+  elif tars:
     missing = [t for t in tars if not Path(t).is_file()]
     if missing:
       raise UserError(f"tar shard '{missing[0]}' not found")
@@ -180,19 +237,22 @@ def plan(out_dir, split, *, images=None, captions=None, tars=None, shard_size=10
     parts = [("folder", (str(images), rows[i:i + shard_size]))
              for i in range(0, len(rows), shard_size)]
   else:
-    raise UserError("give --images DIR --captions FILE, or --tars FILE...")
+    raise UserError("give --images DIR --captions FILE, --tars FILE..., or --tfds NAME")
   n = len(parts)
   return [(str(out_dir), f"{split}-{k:05d}-of-{n:05d}.array_record", kind, arg, image_size)
           for k, (kind, arg) in enumerate(parts)]
 
 
-def convert(out_dir, *, split="train", images=None, captions=None, tars=None, shard_size=1000,
-            image_size=224, tokenizer=None, workers=None, vocab_size=49408, progress=True):
+def convert(out_dir, *, split="train", images=None, captions=None, tars=None, tfds=None,
+            tfds_data_dir=None, tfds_split=None, image_key=None, caption_key=None,
+            shard_size=1000, image_size=224, tokenizer=None, workers=None, vocab_size=49408,
+            progress=True):
   """Converts the inputs to `out_dir` (resuming a previous run); returns the manifest."""
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
-  jobs = plan(out_dir, split, images=images, captions=captions, tars=tars,
-              shard_size=shard_size, image_size=image_size)
+  jobs = plan(out_dir, split, images=images, captions=captions, tars=tars, tfds=tfds,
+              tfds_data_dir=tfds_data_dir, tfds_split=tfds_split, image_key=image_key,
+              caption_key=caption_key, shard_size=shard_size, image_size=image_size)
   (out_dir / sources.MANIFEST).unlink(missing_ok=True)  # Unfinished until written again.
   done = {}
   for job in jobs:
@@ -222,7 +282,8 @@ def convert(out_dir, *, split="train", images=None, captions=None, tars=None, sh
       "tokenizer": tok_name,
       "source": {"images": str(images) if images else None,
                  "captions": str(captions) if captions else None,
-                 "tars": [str(t) for t in tars] if tars else None},
+                 "tars": [str(t) for t in tars] if tars else None,
+                 "tfds": str(tfds) if tfds else None},
       "splits": {split: {
           "files": names, "num_records": sum(done[n]["records"] for n in names),
           "sha256": {n: done[n]["sha256"] for n in names},
