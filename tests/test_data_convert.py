@@ -132,7 +132,8 @@ def test_tfds_dataset_read_without_tensorflow(tmp_path):
       return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
           "label": tfds.features.ClassLabel(num_classes=3),
           "photo": tfds.features.Image(shape=(None, None, 3)),
-          "texts": tfds.features.Sequence(tfds.features.Text())}))
+          "texts": tfds.features.Sequence(tfds.features.Text()),
+          "nested": tfds.features.Sequence({"text": tfds.features.Text()})}))
 
     def _split_generators(self, dl_manager):
       return {"train": self._generate_examples(9)}
@@ -140,7 +141,8 @@ def test_tfds_dataset_read_without_tensorflow(tmp_path):
     def _generate_examples(self, n):
       for i in range(n):
         yield i, {"label": i % 3, "photo": image_bytes(i, "PNG"),
-                  "texts": [f"tfds {i}", f"again {i}"] if i != 4 else []}
+                  "texts": [f"tfds {i}", f"again {i}"] if i != 4 else [],
+                  "nested": {"text": [f"nested {i}"]}}
 
   builder = TinyCaptions(data_dir=str(tmp_path / "tfds"), file_format="array_record")
   builder.download_and_prepare()
@@ -160,3 +162,7 @@ def test_tfds_dataset_read_without_tensorflow(tmp_path):
   def content(d):  # meta names the source (folder vs name), so compare images and captions
     return [(r["image"], r["captions"]) for r in map(msgpack.unpackb, sources.open_split(d, "train"))]
   assert content(tmp_path / "out2") == content(out)
+  nested = convert.convert(tmp_path / "out3", tfds=builder.data_dir, caption_key="nested/text",
+                           shard_size=4, image_size=SIZE, tokenizer=out / "tokenizer.json",
+                           workers=1, progress=False)
+  assert nested["splits"]["train"]["num_records"] == 9

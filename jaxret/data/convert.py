@@ -161,10 +161,16 @@ def tfds_keys(source, image_key=None, caption_key=None):
   image_key = image_key or first(tfds.features.Image)
   caption_key = caption_key or first(tfds.features.Text)
   for role, key in (("image", image_key), ("caption", caption_key)):
-    if key not in feats:
+    if key is None or key.split("/")[0] not in feats:  # "captions/text": a nested feature
       raise UserError(f"TFDS features {sorted(feats)} have no {role} feature {key!r}: pass "
                       f"--{role}-key")
   return image_key, caption_key
+
+
+def _feature(example, key):
+  for part in key.split("/"):
+    example = example[part]
+  return example
 
 
 def _tfds_items(spec, keys, start, stop):
@@ -173,10 +179,13 @@ def _tfds_items(spec, keys, start, stop):
     ex = source[i]
     buf = io.BytesIO()
     try:
-      Image.fromarray(ex[keys[0]]).save(buf, "PNG")
+      Image.fromarray(_feature(ex, keys[0])).save(buf, "PNG")
     except Exception:  # A malformed image array: left out like an undecodable file.
       buf = io.BytesIO()
-    yield buf.getvalue(), _captions_of({"caption": ex[keys[1]]}), {"source": f"{spec[0]}:{i}"}
+    captions = _feature(ex, keys[1])
+    if hasattr(captions, "tolist"):  # numpy array of bytes from a Sequence(Text)
+      captions = captions.tolist()
+    yield buf.getvalue(), _captions_of({"caption": captions}), {"source": f"{spec[0]}:{i}"}
 
 
 def _write_shard(job):
