@@ -42,7 +42,7 @@ demo: demo-data
 	@$(BIN)/python -m jaxret.eval.compare $(addprefix $(DEMO_RUNS)/demo-,$(LOSSES))
 
 test: $(VENV)/.test fashion-mnist
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 clean:
 	rm -rf $(VENV) $(DEMO_DATA) $(DEMO_RUNS)
