@@ -25,7 +25,8 @@ def defaults() -> ml_collections.ConfigDict:
   c.log_every = 10
   c.eval_every = 0            # 0: evaluate only at the end
 
-  c.data = dict(dir="demo_data", train_split="train", eval_split="test")
+  # workers: grain worker processes decoding training batches (0: threads in this process).
+  c.data = dict(dir="demo_data", train_split="train", eval_split="test", workers=0)
 
   c.model = dict(
       embed_dim=128, image_proj=True, text_proj_bias=False,

@@ -17,7 +17,8 @@ Broken records (undecodable image, no usable caption) never stop training: eleme
 order is replaced by the next usable record (transforms.SkipBad), a rule of the index alone,
 so the guarantees above hold; the iterator counts them (`skipped`) in its resumable state.
 
-Elements are read by an in-process thread pool; worker processes are not used yet.
+Elements are read by an in-process thread pool; `workers` > 0 adds grain worker processes
+(mp_prefetch) after batching, each producing whole batches of the same order.
 """
 
 import os
@@ -59,14 +60,23 @@ def _check_batch_size(batch_size):
     raise UserError(f"batch size {batch_size} must be at least 1: fix the batch size in the config")
 
 
+def _mark_absl_flags_parsed():
+  # grain's worker processes read absl flags; outside absl.app nobody parsed them.
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
 def train_iterator(data_dir, *, batch_size, text_len, seed, process_index=None,
-                   process_count=None, split="train"):
+                   process_count=None, split="train", workers=0):
   """Infinite, resumable iterator of this process's rows of each global training batch.
 
   Yields {"image": float32 [batch_size,H,W,3], "text": int32 [batch_size,text_len]}.
   `batch_size` is per process (the global batch is batch_size * process_count). Save and
   restore the position with `get_state()`/`set_state()` (or grain.checkpoint.CheckpointSave/
-  Restore).
+  Restore). `workers` > 0 decodes in that many worker processes (grain mp_prefetch, spawned:
+  the calling script needs an `if __name__ == "__main__":` guard); batches and resume are
+  the same as with 0.
   """
   _check_batch_size(batch_size)
   index, count = _process_shard(process_index, process_count)
@@ -84,7 +94,12 @@ def train_iterator(data_dir, *, batch_size, text_len, seed, process_index=None,
         .random_map(transforms.RandomCaption())
         .map(_tokenize(data_dir, manifest, text_len))
         .batch(batch_size, drop_remainder=True))[index::count]
-  return CountSkipped(iter(ds.to_iter_dataset(_read_options(batch_size))))
+  ds = ds.to_iter_dataset(_read_options(batch_size))
+  if workers:
+    _mark_absl_flags_parsed()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(workers),
+                                                     per_worker_buffer_size=2))
+  return CountSkipped(iter(ds))
 
 
 class CountSkipped(grain.DatasetIterator):

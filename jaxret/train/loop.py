@@ -110,7 +110,7 @@ def train(cfg, workdir, *, stop_after_step=None, progress=True, devices=None):
                       async_save=cfg.checkpoint.async_save)
   data = train_iterator(cfg.data.dir, batch_size=cfg.batch_size // jax.process_count(),
                         text_len=cfg.model.text.max_len, seed=cfg.seed,
-                        split=cfg.data.train_split)
+                        split=cfg.data.train_split, workers=cfg.data.workers)
   start = ckpt.latest_step()
   if start is None:
     start = 0
