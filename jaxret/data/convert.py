@@ -22,7 +22,6 @@ writes only the rest, so records are never duplicated. The manifest is written l
 """
 
 import csv
-import hashlib
 import io
 import json
 import multiprocessing
@@ -211,17 +210,9 @@ def _write_shard(job):
   finally:
     writer.close()
   os.replace(tmp, Path(out_dir) / name)
-  done = {"records": count, "skipped": skipped, "sha256": _sha256(Path(out_dir) / name)}
+  done = {"records": count, "skipped": skipped, "sha256": sources.file_sha256(Path(out_dir) / name)}
   (Path(out_dir) / (name + ".done")).write_text(json.dumps(done))
   return name, done
-
-
-def _sha256(path):
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
 
 
 def plan(out_dir, split, *, images=None, captions=None, tars=None, tfds=None,

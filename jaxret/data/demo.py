@@ -245,7 +245,7 @@ def _write_shards(out_dir, split, records, num_records, bar):
   finally:
     for w in writers:
       w.close()
-  return {"files": names, "num_records": num_records, "sha256": {n: _sha256(out_dir / n)
+  return {"files": names, "num_records": num_records, "sha256": {n: sources.file_sha256(out_dir / n)
                                                                  for n in names}}
 
 
@@ -256,14 +256,6 @@ def _remove_stale_shards(out_dir, splits):
     for path in out_dir.glob(f"{split}-*-of-*.array_record"):
       if path.name not in current:
         path.unlink()
-
-
-def _sha256(path):
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
 
 
 # ---------------------------------------------------------------- builder

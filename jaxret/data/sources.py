@@ -25,6 +25,7 @@ Each ArrayRecord record is one image with its captions:
 Evaluation uses captions[0]; training samples one caption per element.
 """
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -110,3 +111,12 @@ def decode_record(raw):
     raise UserError(f"record is not a {FORMAT} record (has {keys}; needs 'image' and "
                     "non-empty 'captions'): rebuild the dataset")
   return record
+
+
+def file_sha256(path):
+  """The hex sha256 of a file, read in 1 MiB blocks (manifests record one per shard)."""
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
