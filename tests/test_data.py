@@ -449,7 +449,7 @@ def test_transforms_pickle(data_dir):
   clone = pickle.loads(pickle.dumps(tokenize))
   assert clone._tokenizer is None
   np.testing.assert_array_equal(clone.map(element)["text"], tokenize.map(element)["text"])
-  for t in (transforms.DecodeRecord(64), transforms.RandomCaption(), transforms.FirstCaption()):
+  for t in (transforms.DecodeRecord(64), transforms.RandomCaption()):
     pickle.loads(pickle.dumps(t))
 
 
@@ -561,20 +561,3 @@ def test_train_iterator_errors(data_dir):
     train_it(data_dir, split="validation")
   with pytest.raises(UserError, match="at least 2"):
     train_it(data_dir, text_len=1)
-
-
-def test_eval_batches_fixed_order_canonical_captions(data_dir):
-  records = read_split(data_dir, "test")
-  wide = tokenizers.load_tokenizer(data_dir / "tokenizer.json", 24)
-  ds = pipeline.eval_batches(data_dir, batch_size=16, text_len=24)
-  batches = list(ds)
-  assert [len(b["caption"]) for b in batches] == [16, 16, 16, 2]
-  captions = [c for b in batches for c in b["caption"]]
-  assert captions == [r["captions"][0] for r in records]
-  images = np.concatenate([b["image"] for b in batches])
-  want = np.stack([png_pixels(r["image"]) for r in records]).astype(np.float32) / 127.5 - 1
-  np.testing.assert_allclose(images, want, atol=1e-6)
-  texts = np.concatenate([b["text"] for b in batches])
-  assert texts.dtype == np.int32 and [wide.decode(t) for t in texts] == captions
-  again = list(ds)
-  assert [b["caption"] for b in again] == [b["caption"] for b in batches]

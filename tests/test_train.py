@@ -11,7 +11,7 @@ import optax
 import pytest
 
 from jaxret.errors import UserError
-from jaxret.eval.retrieval import ranks, recall_at_k
+from jaxret.eval import ranking
 from jaxret.train.loop import train
 from jaxret.train.optim import make_optimizer, make_schedule, regex_mask
 from jaxret.train.writers import read_metrics
@@ -130,18 +130,21 @@ def test_schedule_is_linear_warmup_then_cosine(tiny_config):
 
 
 def test_recall_matches_a_brute_force_loop():
+  """The evaluator's dense ranks (FILIP exact scoring, and the reference for blocked ranks)
+  and Recall@K against a plain loop, one caption per image."""
   rng = np.random.default_rng(0)
   scores = rng.normal(size=(40, 40)).round(1)  # rounding makes ties
   scores[np.arange(40), np.arange(40)] += rng.uniform(0, 2, 40).round(1)
-  i2t_rank, t2i_rank = ranks(scores)
+  n = np.arange(40)
+  i2t_rank, t2i_rank = ranking.rank_dense(scores, n, n), ranking.rank_dense(scores.T, n, n)
   for i in range(40):
     # Pessimistic ties: every other candidate scoring >= the true one ranks above it.
     assert i2t_rank[i] == sum(scores[i, j] >= scores[i, i] for j in range(40) if j != i)
     assert t2i_rank[i] == sum(scores[j, i] >= scores[i, i] for j in range(40) if j != i)
-  r = recall_at_k(scores, ks=(1, 5))
-  assert r["i2t"]["R@1"] == np.mean([i2t_rank[i] == 0 for i in range(40)])
-  assert r["t2i"]["R@5"] == np.mean([t2i_rank[i] < 5 for i in range(40)])
+  assert ranking.metrics(i2t_rank, ks=(1,))["R@1"] == np.mean([i2t_rank[i] == 0 for i in n])
+  assert ranking.metrics(t2i_rank, ks=(5,))["R@5"] == np.mean([t2i_rank[i] < 5 for i in n])
   # Known answers: a perfect diagonal is always first; with every score tied, never.
-  assert recall_at_k(np.eye(4))["i2t"]["R@1"] == 1.0
-  assert recall_at_k(np.ones((4, 4)), ks=(1, 4)) == {"i2t": {"R@1": 0.0, "R@4": 1.0},
-                                                     "t2i": {"R@1": 0.0, "R@4": 1.0}}
+  four = np.arange(4)
+  assert ranking.metrics(ranking.rank_dense(np.eye(4), four, four), ks=(1,))["R@1"] == 1.0
+  tied = ranking.metrics(ranking.rank_dense(np.ones((4, 4)), four, four), ks=(1, 4))
+  assert (tied["R@1"], tied["R@4"]) == (0.0, 1.0)

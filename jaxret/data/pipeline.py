@@ -9,9 +9,8 @@ the batches of a 1-host run), and each process decodes only its own rows. Everyt
 MapDataset (index-addressable), so the iterator state is one integer and `set_state`
 resumes exactly, also across epochs.
 
-Evaluation: records in file order -> decode -> captions[0] -> tokenize -> batch
-(last batch may be smaller), with the caption strings kept for display; broken records are
-left out.
+Evaluation (`eval_records`): whole records in file order -> decode -> batch (the last batch
+may be smaller), every caption kept untokenized for the evaluator; broken records are left out.
 
 Broken records (undecodable image, no usable caption) never stop training: element i of the
 order is replaced by the next usable record (transforms.SkipBad), a rule of the index alone,
@@ -48,8 +47,8 @@ def _process_shard(process_index, process_count):
   return process_index, process_count
 
 
-def _tokenize(data_dir, manifest, text_len, keep_caption=False):
-  tokenize = transforms.Tokenize(Path(data_dir) / manifest["tokenizer"], text_len, keep_caption)
+def _tokenize(data_dir, manifest, text_len):
+  tokenize = transforms.Tokenize(Path(data_dir) / manifest["tokenizer"], text_len)
   tokenize.tokenizer  # Load now: a bad tokenizer file fails here, not in a reader thread.
   return tokenize
 
@@ -130,23 +129,6 @@ def skipped_total(iterator):
     return iterator.skipped
   from jax.experimental import multihost_utils
   return int(multihost_utils.process_allgather(np.int64(iterator.skipped)).sum())
-
-
-def eval_batches(data_dir, *, batch_size, text_len, split="test"):
-  """Finite, fixed-order batches of `split`, each image with its canonical caption.
-
-  Returns a re-iterable dataset; each pass yields {"image": float32 [b,H,W,3],
-  "text": int32 [b,text_len], "caption": [str] * b}, the last batch possibly smaller.
-  """
-  _check_batch_size(batch_size)
-  manifest = sources.load_manifest(data_dir)
-  ds = (grain.MapDataset.source(sources.open_split(data_dir, split))
-        .map(transforms.DecodeRecord(manifest["image_size"], skip_bad=True))
-        .filter(transforms.DropBad())
-        .map(transforms.FirstCaption())
-        .map(_tokenize(data_dir, manifest, text_len, keep_caption=True)))
-  ds = ds.to_iter_dataset(_read_options(batch_size))
-  return ds.batch(batch_size, drop_remainder=False, batch_fn=transforms.collate)
 
 
 class _WholeRecord(grain.transforms.Map):

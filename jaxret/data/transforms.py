@@ -143,20 +143,12 @@ class RandomCaption(grain.transforms.RandomMap):
     return out
 
 
-class FirstCaption(grain.transforms.Map):
-  """Evaluation: the canonical caption, so every run scores the same text."""
-
-  def map(self, element):
-    return {"image": element["image"], "caption": element["captions"][0]}
-
-
 class Tokenize(grain.transforms.Map):
-  """Adds "text" int32 [max_len]; drops "caption" unless `keep_caption`."""
+  """Replaces "caption" by "text", int32 [max_len]."""
 
-  def __init__(self, tokenizer_path, max_len, keep_caption=False):
+  def __init__(self, tokenizer_path, max_len):
     self.tokenizer_path = str(tokenizer_path)
     self.max_len = int(max_len)
-    self.keep_caption = keep_caption
     self._tokenizer = None
 
   def __getstate__(self):
@@ -172,8 +164,6 @@ class Tokenize(grain.transforms.Map):
   def map(self, element):
     out = {k: v for k, v in element.items() if k != "caption"}
     out["text"] = self.tokenizer.encode(element["caption"])
-    if self.keep_caption:
-      out["caption"] = element["caption"]
     return out
 
 

@@ -17,21 +17,6 @@ The primary variant (top-level "i2t"/"t2i") is what the loss trained: pooled, or
 import numpy as np
 
 from jaxret.eval import hubness, late_interaction, ranking
-from jaxret.eval.report import format_table, write_result  # noqa: F401 (the train loop's names)
-
-
-def ranks(scores):
-  """Single-caption ranks of the diagonal matches of [N, N] scores (or an (i2t, t2i) pair of
-  [images, texts] matrices): the brute-force reference for one caption per image."""
-  i2t, t2i = scores if isinstance(scores, tuple) else (scores, scores)
-  n = np.arange(len(i2t))
-  return ranking.rank_dense(i2t, n, n), ranking.rank_dense(np.asarray(t2i).T, n, n)
-
-
-def recall_at_k(scores, ks=(1, 5, 10)):
-  i2t_rank, t2i_rank = ranks(scores)
-  return {"i2t": {f"R@{k}": float(np.mean(i2t_rank < k)) for k in ks},
-          "t2i": {f"R@{k}": float(np.mean(t2i_rank < k)) for k in ks}}
 
 
 def summarise(i2t_ranks, t2i_ranks, ks, curve_max_k):

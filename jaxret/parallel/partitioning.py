@@ -63,9 +63,6 @@ def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def tree_batch_sharding(tree, mesh):
-  return jax.tree.map(lambda _: batch_sharding(mesh), tree)
-
 
 @contextlib.contextmanager
 def activate(mesh, rules=RULES):

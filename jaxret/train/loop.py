@@ -16,7 +16,7 @@ from jaxret.data.pipeline import skipped_total, train_iterator
 from jaxret.data.sources import load_manifest
 from jaxret.data.tokenizers import load_tokenizer
 from jaxret.errors import UserError
-from jaxret.eval.retrieval import format_table, write_result
+from jaxret.eval.report import format_table, write_result
 from jaxret.models.two_tower import build_model
 from jaxret.parallel import partitioning
 from jaxret.parallel.mesh import batch_parallelism, make_mesh
