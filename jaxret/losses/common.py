@@ -73,14 +73,38 @@ def ring_size(mesh, axes):
   return math.prod(mesh.shape[a] for a in axes)
 
 
-def shift(tree, axes, size):
-  """Every array of `tree` moves one step round the ring of `size` devices on `axes`.
+def shift(tree, axes, size, step=1):
+  """Every array of `tree` moves `step` (+1 or -1) places round the ring of `size` devices.
 
   ppermute over a tuple of axes numbers devices the same way as `axis_index(axes)` and the
-  batch order of P(axes), so after k shifts a device holds the rows of device index - k.
+  batch order of P(axes), so after k shifts by +1 a device holds the rows of device index - k.
+  Arrays of one item size travel as one buffer: each collective is a sync of every device,
+  and on small blocks that fixed cost, not the bytes, is what a ring step costs.
   """
-  perm = [(i, (i + 1) % size) for i in range(size)]
-  return jax.tree.map(lambda x: jax.lax.ppermute(x, axes, perm), tree)
+  perm = [(i, (i + step) % size) for i in range(size)]
+  leaves, treedef = jax.tree.flatten(tree)
+  out = list(leaves)
+  for width in sorted({x.dtype.itemsize for x in leaves}):
+    group = [i for i, x in enumerate(leaves) if x.dtype.itemsize == width]
+    words = [_as_uint(leaves[i]).reshape(-1) for i in group]
+    buffer = jax.lax.ppermute(words[0] if len(group) == 1 else jnp.concatenate(words), axes, perm)
+    start = 0
+    for i in group:
+      x = leaves[i]
+      out[i] = _from_uint(buffer[start:start + x.size].reshape(x.shape), x.dtype)
+      start += x.size
+  return jax.tree.unflatten(treedef, out)
+
+
+def _as_uint(x):
+  """Same-width bit view (a no-op for XLA, unlike a view as bytes)."""
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint8)
+  return jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}"))
+
+
+def _from_uint(x, dtype):
+  return x.astype(dtype) if dtype == jnp.bool_ else jax.lax.bitcast_convert_type(x, dtype)
 
 
 def varying(x, axes):
