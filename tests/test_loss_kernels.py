@@ -56,6 +56,21 @@ def test_ring_matches_reference(name, mesh_name):
   _check(_kernel_vg(name, mesh_name, **options)(*args), base._reference_vg(name)(*args))
 
 
+@pytest.mark.parametrize("shape", [(3, 1, 1), (3, 2, 1)])  # odd ring: ppermute; 6: swaps
+@pytest.mark.parametrize("name", ["softmax", "sigmoid", "filip"])
+def test_ring_of_any_size_matches_reference(name, shape):
+  batch = 12
+  if name == "filip":
+    args = (*base._tokens(batch), np.float32(base.SCALE))
+  else:
+    args = (*base._pooled(batch), np.float32(base.SCALE)) + (
+        (np.float32(base.BIAS),) if name == "sigmoid" else ())
+  fn = functools.partial(base._KERNELS[name], mesh=base._mesh(shape), axes=("data", "fsdp"),
+                         impl="ring")
+  got = jax.jit(jax.value_and_grad(fn, argnums=base._GRAD_ARGS[name]))(*args)
+  _check(got, base._reference_vg(name)(*args))
+
+
 @pytest.mark.parametrize("mesh_name", ["1dev", "data2", "data2xfsdp2"])
 def test_filip_all_gather_tiled_matches_reference(mesh_name):
   args = base._args("filip")

@@ -73,27 +73,50 @@ def ring_size(mesh, axes):
   return math.prod(mesh.shape[a] for a in axes)
 
 
-def shift(tree, axes, size, step=1):
-  """Every array of `tree` moves `step` (+1 or -1) places round the ring of `size` devices.
+def ring_walk(step, carry, count, first=0):
+  """carry = step(carry, parity) for moves first, first + 1, ... (count of them): a scan
+  over pairs of moves, so that each move's parity (which `ring_move` needs) is static."""
+  pair = lambda c, _: (step(step(c, first % 2), (first + 1) % 2), None)
+  carry, _ = jax.lax.scan(pair, carry, None, length=count // 2)
+  return step(carry, first % 2) if count % 2 else carry
 
-  ppermute over a tuple of axes numbers devices the same way as `axis_index(axes)` and the
-  batch order of P(axes), so after k shifts by +1 a device holds the rows of device index - k.
-  Arrays of one item size travel as one buffer: each collective is a sync of every device,
-  and on small blocks that fixed cost, not the bytes, is what a ring step costs.
+
+def ring_move(tree, axes, size, parity, inverse=False):
+  """Move number k (parity = k % 2) of a walk that takes every device's block to every
+  other device in D-1 moves, and home again on move D-1 (the D-th). `inverse` undoes it.
+
+  Even D: neighbour swaps, between devices (2m, 2m+1) on even moves and (2m+1, 2m+2)
+  on odd ones, so blocks from even devices walk the ring forwards and those from odd
+  devices backwards. A swap is a two-device collective (an all_gather over pairs); a
+  ppermute round the ring syncs all D devices, which on CPU-simulated devices is most
+  of a small ring step's time. Odd D: ppermute, so after k moves a device holds the
+  block of device index - k. Arrays of one item size travel as one buffer.
   """
-  perm = [(i, (i + step) % size) for i in range(size)]
+  if size == 1:
+    return tree
   leaves, treedef = jax.tree.flatten(tree)
   out = list(leaves)
   for width in sorted({x.dtype.itemsize for x in leaves}):
     group = [i for i, x in enumerate(leaves) if x.dtype.itemsize == width]
     words = [_as_uint(leaves[i]).reshape(-1) for i in group]
-    buffer = jax.lax.ppermute(words[0] if len(group) == 1 else jnp.concatenate(words), axes, perm)
+    buffer = _move(words[0] if len(group) == 1 else jnp.concatenate(words), axes, size, parity,
+                   inverse)
     start = 0
     for i in group:
       x = leaves[i]
       out[i] = _from_uint(buffer[start:start + x.size].reshape(x.shape), x.dtype)
       start += x.size
   return jax.tree.unflatten(treedef, out)
+
+
+def _move(x, axes, size, parity, inverse):
+  if size % 2:
+    step = -1 if inverse else 1
+    return jax.lax.ppermute(x, axes, [(i, (i + step) % size) for i in range(size)])
+  groups = [[(2 * m + parity) % size, (2 * m + 1 + parity) % size] for m in range(size // 2)]
+  pair = jax.lax.all_gather(x, axes, axis_index_groups=groups)  # [2, ...] in group order
+  first = (jax.lax.axis_index(axes) + parity) % 2 == 0  # this device is its pair's first
+  return jnp.where(first, pair[1], pair[0])
 
 
 def _as_uint(x):

@@ -1,16 +1,14 @@
 """Ring form of the symmetric InfoNCE normaliser, memory b x b, exact gradients.
 
 Each device keeps its b images and passes its b texts round the ring of D devices
-(`jax.lax.ppermute`). At every stop it scores one b x b block and folds it into an
+(`common.ring_move`). At every stop it scores one b x b block and folds it into an
 online log-sum-exp: over the block's columns for its own image rows, and over the
 block's rows for the visiting texts (that running sum travels with the texts). Autodiff
 through the loop would keep every block (b x B), so a custom_vjp re-runs the ring in the
 backward pass: block scores are recomputed and their softmax weights come from the
-log-sum-exps. The backward starts where the forward stopped and runs the ring the other
-way, so each text's gradient, travelling with it, lands home on the last of D-1 shifts.
-Each shift sends everything that travels as one collective (`common.shift`): on small
-blocks the ring costs its number of collectives, 2(D-1) in all.
-"""
+log-sum-exps. The backward starts where the forward stopped and undoes its moves, so
+each text's gradient, travelling with it, lands home on the last of D-1 moves: 2(D-1)
+moves in all, each one collective."""
 
 import functools
 
@@ -43,16 +41,16 @@ def _forward(block, axes, size, wire_dtype, images, image_aux, texts, text_aux, 
   row, col = _score(block, images, image_aux, wire, text_aux, params)  # own block first
   row_lse, col_lse = jax.nn.logsumexp(row, axis=1), jax.nn.logsumexp(col, axis=0)
 
-  def step(carry, _):
+  def step(carry, parity):
     row_lse, wire, text_aux, col_lse = carry
-    wire, text_aux, col_lse = common.shift((wire, text_aux, col_lse), axes, size)
+    wire, text_aux, col_lse = common.ring_move((wire, text_aux, col_lse), axes, size, parity)
     row, col = _score(block, images, image_aux, wire, text_aux, params)
     row_lse = jnp.logaddexp(row_lse, jax.nn.logsumexp(row, axis=1))
     col_lse = jnp.logaddexp(col_lse, jax.nn.logsumexp(col, axis=0))
-    return (row_lse, wire, text_aux, col_lse), None
+    return row_lse, wire, text_aux, col_lse
 
   carry = (row_lse, wire, text_aux, col_lse)
-  (row_lse, wire, text_aux, col_lse), _ = jax.lax.scan(step, carry, None, length=size - 1)
+  row_lse, wire, text_aux, col_lse = common.ring_walk(step, carry, size - 1)
   total = jnp.sum(row_lse) + jnp.sum(col_lse)  # col_lse: the texts held now, complete
   return total, (row_lse, wire, text_aux, col_lse)
 
@@ -73,16 +71,16 @@ def _lse_sum_bwd(block, axes, size, wire_dtype, res, g):
 
   d_images, d_texts, d_params = visit(wire, text_aux, col_lse)
 
-  def step(carry, _):  # back the way the texts came: home after D-1 shifts
+  def step(carry, parity):  # undo the forward's moves, last first: home after D-1
     d_images, d_params, wire, text_aux, col_lse, d_texts = carry
-    wire, text_aux, col_lse, d_texts = common.shift((wire, text_aux, col_lse, d_texts), axes,
-                                                    size, step=-1)
+    wire, text_aux, col_lse, d_texts = common.ring_move((wire, text_aux, col_lse, d_texts), axes,
+                                                        size, parity, inverse=True)
     di, dt, dp = visit(wire, text_aux, col_lse)
     return (d_images + di, jax.tree.map(jnp.add, d_params, dp), wire, text_aux, col_lse,
-            d_texts + dt), None
+            d_texts + dt)
 
   carry = (d_images, d_params, wire, text_aux, col_lse, d_texts)
-  (d_images, d_params, _, _, _, d_texts), _ = jax.lax.scan(step, carry, None, length=size - 1)
+  d_images, d_params, _, _, _, d_texts = common.ring_walk(step, carry, size - 1, first=size - 2)
   return d_images, None, d_texts.astype(like.dtype), None, d_params
 
 

@@ -55,8 +55,8 @@ def _ring_sum(images, texts, scale, bias, axes, size, grads):
   """The local sum over all pairs of this device's images, with its gradients when `grads`.
 
   Every block's gradient is known as soon as the block is (no global normaliser), so the
-  gradients are made in the same pass; each text's gradient travels with it and is home
-  after D shifts.
+  gradients are made in the same pass; each text's gradient travels with it (one
+  collective per move) and is home after the D-th move.
   """
   def visit(texts, own):
     args = (images, texts, scale, bias)
@@ -67,21 +67,21 @@ def _ring_sum(images, texts, scale, bias, axes, size, grads):
 
   total, d = visit(texts, own=True)
 
-  def step(carry, _):
+  def step(carry, parity):
     total, texts, d = carry
     if grads:
-      texts, d_texts = common.shift((texts, d[1]), axes, size)
+      texts, d_texts = common.ring_move((texts, d[1]), axes, size, parity)
       d = (d[0], d_texts, d[2], d[3])
     else:
-      texts = common.shift(texts, axes, size)
+      texts = common.ring_move(texts, axes, size, parity)
     value, d_new = visit(texts, own=False)
     if grads:
       d = jax.tree.map(jnp.add, d, d_new)
-    return (total + value, texts, d), None
+    return total + value, texts, d
 
-  (total, _, d), _ = jax.lax.scan(step, (total, texts, d), None, length=size - 1)
+  total, _, d = common.ring_walk(step, (total, texts, d), size - 1)
   if grads:
-    d = (d[0], common.shift(d[1], axes, size), d[2], d[3])
+    d = (d[0], common.ring_move(d[1], axes, size, (size - 1) % 2), d[2], d[3])
   return total, d
 
 
