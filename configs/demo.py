@@ -30,6 +30,9 @@ def get_config(loss="softmax"):
   c.model.text.update(max_len=20, width=128, depth=2, num_heads=4, mlp_dim=384)
 
   c.optim.update(lr=1e-3, warmup_steps=60, weight_decay=0.05, b2=0.98)
+  # open_clip's crop (area 90-100%, aspect 3/4-4/3) keeps both items of a 2x2 scene in view;
+  # no flip: captions say "left" and "right".
+  c.data.augment.update(enabled=True, crop_scale=(0.9, 1.0), flip=False)
 
   c.loss.name = loss
   # The demo's 17 image and 20 text tokens are few: FILIP scores all of them (the paper's 25%

@@ -94,7 +94,9 @@ def _parser():
   cv.add_argument("--image-key", help="TFDS image feature (default: the first image feature)")
   cv.add_argument("--caption-key", help="TFDS caption feature (default: the first text one)")
   cv.add_argument("--split", default="train")
-  cv.add_argument("--image-size", type=int, default=224)
+  cv.add_argument("--image-size", type=int, default=224,
+                  help="stored shorter side in pixels, aspect kept (training crops to "
+                  "model.image.size)")
   cv.add_argument("--shard-size", type=int, default=1000, help="images per shard (folders)")
   cv.add_argument("--tokenizer", help="tokenizer file/folder to ship (default: train a BPE "
                   "on the captions)")

@@ -26,7 +26,13 @@ def defaults() -> ml_collections.ConfigDict:
   c.eval_every = 0            # 0: evaluate only at the end
 
   # workers: grain worker processes decoding training batches (0: threads in this process).
-  c.data = dict(dir="demo_data", train_split="train", eval_split="test", workers=0)
+  # mixture: train on several converted folders, ("dir:weight", ...), drawn in proportion to
+  # the weights; they must share data.dir's tokenizer, and evaluation stays on data.dir.
+  # augment: training random-resized-crop (open_clip's default scale) and horizontal flip (off:
+  # captions that say "left"/"right" would lie). Evaluation resizes and center-crops.
+  c.data = dict(dir="demo_data", train_split="train", eval_split="test", workers=0,
+                mixture=(), augment=dict(crop_scale=(0.9, 1.0), crop_ratio=(3 / 4, 4 / 3),
+                                         flip=False, enabled=True))
 
   c.model = dict(
       embed_dim=128, image_proj=True, text_proj_bias=False,
@@ -37,8 +43,9 @@ def defaults() -> ml_collections.ConfigDict:
       dtype="float32", remat="none", scan=False,
       # A folder written by `jaxret import-hf`: a fresh run starts from those weights.
       init_from="",
+      # mean/std: per-channel pixel normalisation the weights expect (0.5: pixels in [-1, 1]).
       image=dict(size=64, patch_size=16, width=128, depth=2, num_heads=4, mlp_dim=512, pool="cls",
-                 pre_norm=True, patch_bias=False),
+                 pre_norm=True, patch_bias=False, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
       # vocab_size 0: take it from the data's tokenizer (a full-size config states it).
       text=dict(vocab_size=0, max_len=16, width=128, depth=2, num_heads=4, mlp_dim=512, causal=True,
                 pool="eos"),
@@ -233,6 +240,22 @@ def validate(cfg):
   if cfg.model.act not in ACTIVATIONS:
     raise UserError(f"unknown model.act '{cfg.model.act}'{did_you_mean(cfg.model.act, ACTIVATIONS)}"
                     f"; valid: {', '.join(ACTIVATIONS)}")
+  for key in ("mean", "std"):
+    v = cfg.model.image[key]
+    if len(v) != 3 or (key == "std" and min(v) <= 0):
+      raise UserError(f"model.image.{key} must be 3 per-channel values{' > 0' if key == 'std' else ''}"
+                      f", got {tuple(v)}")
+  aug = cfg.data.augment
+  lo, hi = aug.crop_scale
+  if not 0 < lo <= hi <= 1:
+    raise UserError(f"data.augment.crop_scale must be (min, max) with 0 < min <= max <= 1, got "
+                    f"{tuple(aug.crop_scale)}")
+  lo, hi = aug.crop_ratio
+  if not 0 < lo <= hi:
+    raise UserError(f"data.augment.crop_ratio must be (min, max) with 0 < min <= max, got "
+                    f"{tuple(aug.crop_ratio)}")
+  from jaxret.data.sources import parse_mixture
+  parse_mixture(cfg.data.mixture)
   from jaxret import losses
   loss = losses.get_loss(cfg.loss.name, cfg.loss)  # UserErrors name the valid losses and options
   if loss.uses_bias and cfg.model.init_bias is None:

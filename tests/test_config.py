@@ -39,6 +39,10 @@ def test_override_is_typed_and_applied():
     ("model.image.pool=mapp", "did you mean 'map'"),
     ("model.image.width=130", "divisible by model.image.num_heads"),
     ("checkpoint.async_save=maybe", "true or false"),
+    ("data.augment.crop_scale=(0.5, 1.5)", "data.augment.crop_scale must be (min, max)"),
+    ("data.augment.crop_ratio=(2.0, 1.0)", "data.augment.crop_ratio must be (min, max)"),
+    ("model.image.std=(0.5, 0.0, 0.5)", "model.image.std must be 3 per-channel values > 0"),
+    ("data.mixture=('laion:0',)", "data.mixture entry 'laion:0' needs a positive weight"),
 ])
 def test_bad_override_is_one_clear_line(override, needle):
   with pytest.raises(UserError) as e:

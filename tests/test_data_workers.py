@@ -8,8 +8,10 @@ from jaxret.data import pipeline
 
 
 def make(demo_dir, workers):
+  # With random crops and flips: their rng must be the same in a worker process.
   return pipeline.train_iterator(demo_dir, batch_size=16, text_len=20, seed=5, process_index=0,
-                                 process_count=1, workers=workers)
+                                 process_count=1, workers=workers, image_size=48,
+                                 augment=dict(crop_scale=(0.3, 1), crop_ratio=(0.5, 2), flip=True))
 
 
 def test_workers_give_the_same_batches_and_resume_exactly(demo_dir):

@@ -194,12 +194,12 @@ def test_zeroshot_by_hand():
 
 
 def test_item_views_keep_one_cell():
-  image = np.arange(4 * 4 * 3, dtype=np.float32).reshape(4, 4, 3)
+  image = np.arange(1, 4 * 4 * 3 + 1, dtype=np.uint8).reshape(4, 4, 3)
   views = zeroshot.item_views(image, [["bag", "red", "top right"]],
                               ["top left", "top right", "bottom left", "bottom right"])
   v = views[0]
   np.testing.assert_array_equal(v[:2, 2:], image[:2, 2:])
-  assert (v[2:] == -1).all() and (v[:2, :2] == -1).all()
+  assert (v[2:] == 0).all() and (v[:2, :2] == 0).all()
 
 
 # --- end to end on the demo data -------------------------------------------------------------

@@ -41,7 +41,11 @@ CAPTIONS = ["a red zero", "two blue shirts and a green bag on the left of a red 
 VARIANTS = {
     # CLIP: cls pooling, ln_pre, causal text pooled at the first end token.
     "clip": ("softmax", []),
-    "clip-quick_gelu-eps1e-6": ("softmax", ["model.act=quick_gelu", "model.ln_eps=1e-6"]),
+    # ... with OpenAI's pixel statistics, which the exported processor must carry.
+    "clip-quick_gelu-eps1e-6": ("softmax", [
+        "model.act=quick_gelu", "model.ln_eps=1e-6",
+        "model.image.mean=(0.48145466, 0.4578275, 0.40821073)",
+        "model.image.std=(0.26862954, 0.26130258, 0.27577711)"]),
     # SigLIP: MAP head, no ln_pre, no image projection, bidirectional text pooled last.
     "siglip": ("sigmoid", []),
     "siglip-gelu-eps1e-6-no-biases": ("sigmoid", [
@@ -82,8 +86,8 @@ def _images(n, seed=0):
 
 
 def _jax_images(images):
-  """jaxret's own eval path: a PNG record through DecodeRecord."""
-  decode = transforms.DecodeRecord(SIZE)
+  """jaxret's own eval path: a PNG record through DecodeRecord (uint8; the model normalises)."""
+  decode = transforms.DecodeRecord()
   out = []
   for im in images:
     buf = io.BytesIO()
@@ -315,6 +319,12 @@ def test_init_from_an_imported_model_starts_training_from_its_weights(trained, t
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # And the wiring: a run with init_from trains from there.
   assert train(tiny_config("softmax", *overrides), str(tmp_path / "run"), progress=False)
+  if not scan:  # The import carries the processor's pixel statistics; others are refused.
+    with open(os.path.join(ckpt, "model.json")) as f:
+      assert json.load(f)["image"]["mean"] == list(cfg.model.image.mean)
+    other = tiny_config("softmax", *overrides, "model.image.mean=(0.48, 0.46, 0.41)")
+    with pytest.raises(UserError, match=r"model.image.mean=\(0.5, 0.5, 0.5\)"):
+      train(other, str(tmp_path / "run2"), progress=False)
 
 
 def test_init_from_a_wrong_folder_is_one_line(tiny_config, tmp_path):

@@ -141,3 +141,15 @@ def test_model_runs_sharded_under_logical_rules():
   assert out["image_emb"].sharding.spec[0] == ("data", "fsdp")
   np.testing.assert_allclose(out["image_emb"], ref["image_emb"], atol=1e-5)
   np.testing.assert_allclose(out["text_emb"], ref["text_emb"], atol=1e-5)
+
+
+def test_uint8_pixels_are_normalised_with_the_configured_statistics():
+  mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+  vit = ViT(patch_size=16, width=32, depth=1, num_heads=4, mlp_dim=64, mean=mean, std=std)
+  pixels = np.random.default_rng(1).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+  params = vit.init(jax.random.key(0), IMAGE[:2])
+  by_hand = (pixels / 255.0 - np.array(mean)) / np.array(std)  # float64 reference
+  want = vit.apply(params, jnp.asarray(by_hand, jnp.float32))
+  got = vit.apply(params, jnp.asarray(pixels))
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, atol=1e-5)

@@ -81,15 +81,15 @@ def read_caption_file(path):
 
 
 def prepare_image(data, size):
-  """Encoded image -> JPEG bytes of RGB size x size (shorter side resized, center crop)."""
+  """Encoded image -> JPEG bytes of RGB with the shorter side `size` (aspect kept, as
+  img2dataset's keep_ratio: training crops at random from the whole picture, evaluation
+  center-crops)."""
   rgb = transforms.decode_image(data)  # BadRecord if broken
   im = Image.fromarray(rgb)
   w, h = im.size
-  scale = size / min(w, h)
-  im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
-  w, h = im.size
-  left, top = (w - size) // 2, (h - size) // 2
-  im = im.crop((left, top, left + size, top + size))
+  if min(w, h) != size:
+    scale = size / min(w, h)
+    im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
   buf = io.BytesIO()
   im.save(buf, "JPEG", quality=95)
   return buf.getvalue()

@@ -1,15 +1,16 @@
 """grain pipelines: per-process numpy batches for training and evaluation.
 
 Training: one global order shared by every process,
-  records -> seeded shuffle, reshuffled every epoch -> repeat forever
-  -> decode -> random caption -> tokenize -> batch(per-process batch) -> [p::P]
+  records -> seeded shuffle, reshuffled every epoch -> repeat forever -> decode
+  [-> weighted mix of several such sources] -> random caption and crop -> tokenize
+  -> batch(per-process batch) -> [p::P]
 so global batch k is mini-batches kP..kP+P-1 of that order, process p holding the p-th. The
 global batch is the same records whatever the number of processes (a 2-host run sees exactly
 the batches of a 1-host run), and each process decodes only its own rows. Everything is a
 MapDataset (index-addressable), so the iterator state is one integer and `set_state`
 resumes exactly, also across epochs.
 
-Evaluation (`eval_records`): whole records in file order -> decode -> batch (the last batch
+Evaluation (`eval_records`): whole records in file order -> decode -> center crop -> batch (the last batch
 may be smaller), every caption kept untokenized for the evaluator; broken records are left out.
 
 Broken records (undecodable image, no usable caption) never stop training: element i of the
@@ -66,11 +67,37 @@ def _mark_absl_flags_parsed():
     flags.FLAGS.mark_as_parsed()
 
 
-def train_iterator(data_dir, *, batch_size, text_len, seed, process_index=None,
-                   process_count=None, split="train", workers=0):
+def _same_tokenizer(data_dir, manifest, other_dir):
+  """Mixture sources must tokenize alike: one model has one vocabulary."""
+  other = sources.load_manifest(other_dir)
+  mine = (Path(data_dir) / manifest["tokenizer"]).read_bytes()
+  if (Path(other_dir) / other["tokenizer"]).read_bytes() != mine:
+    raise UserError(f"mixture source '{other_dir}' has a different tokenizer from '{data_dir}': "
+                    f"convert it with --tokenizer {Path(data_dir) / manifest['tokenizer']}")
+
+
+def _source_order(data_dir, split, seed):
+  """One source's records: shuffled, reshuffled every epoch, repeated forever, broken
+  records substituted (SkipBad); uint8 images at their stored size."""
+  records = grain.MapDataset.source(sources.open_split(data_dir, split))
+  ds = (records.seed(seed)
+        .shuffle()
+        .repeat(None)  # reseed_each_epoch (default): a new order every epoch.
+        .map(transforms.DecodeRecord(skip_bad=True)))
+  return transforms.SkipBad(ds), len(records)
+
+
+def train_iterator(data_dir, *, batch_size, text_len, seed, image_size=None, augment=None,
+                   mixture=None, process_index=None, process_count=None, split="train",
+                   workers=0):
   """Infinite, resumable iterator of this process's rows of each global training batch.
 
-  Yields {"image": float32 [batch_size,H,W,3], "text": int32 [batch_size,text_len]}.
+  Yields {"image": uint8 [batch_size,S,S,3], "text": int32 [batch_size,text_len]} with S =
+  `image_size` (default: the data's stored size). `augment` = dict(crop_scale, crop_ratio,
+  flip) takes a random resized crop per example (transforms.TrainView); None takes the
+  evaluation view. `mixture` = [(dir, weight), ...] draws training records from those
+  sources in proportion to the weights (each shuffled and repeated on its own), with the
+  tokenizer of `data_dir`; by default the records are `data_dir`'s.
   `batch_size` is per process (the global batch is batch_size * process_count). Save and
   restore the position with `get_state()`/`set_state()` (or grain.checkpoint.CheckpointSave/
   Restore). `workers` > 0 decodes in that many worker processes (grain mp_prefetch, spawned:
@@ -80,17 +107,21 @@ def train_iterator(data_dir, *, batch_size, text_len, seed, process_index=None,
   _check_batch_size(batch_size)
   index, count = _process_shard(process_index, process_count)
   manifest = sources.load_manifest(data_dir)
-  records = grain.MapDataset.source(sources.open_split(data_dir, split))
-  if len(records) < batch_size * count:
-    raise UserError(f"split '{split}' of '{data_dir}' has {len(records)} records, fewer than "
-                    f"one global batch of {batch_size * count}; lower the batch size or use "
-                    "more data")
-  ds = (records.seed(seed)
-        .shuffle()
-        .repeat(None)  # reseed_each_epoch (default): a new order every epoch.
-        .map(transforms.DecodeRecord(manifest["image_size"], skip_bad=True)))
-  ds = (transforms.SkipBad(ds)
-        .random_map(transforms.RandomCaption())
+  image_size = int(image_size or manifest["image_size"])
+  if not mixture:
+    ds, n = _source_order(data_dir, split, seed)
+    if n < batch_size * count:
+      raise UserError(f"split '{split}' of '{data_dir}' has {n} records, fewer than one global "
+                      f"batch of {batch_size * count}; lower the batch size or use more data")
+  else:
+    parts = []
+    for k, (source_dir, weight) in enumerate(mixture):
+      if not weight > 0:
+        raise UserError(f"mixture weight of '{source_dir}' is {weight}; weights must be > 0")
+      _same_tokenizer(data_dir, manifest, source_dir)
+      parts.append(_source_order(source_dir, split, seed * 1009 + k)[0])
+    ds = grain.MapDataset.mix(parts, [float(w) for _, w in mixture]).seed(seed)
+  ds = (ds.random_map(transforms.TrainView(image_size, augment))
         .map(_tokenize(data_dir, manifest, text_len))
         .batch(batch_size, drop_remainder=True))[index::count]
   ds = ds.to_iter_dataset(_read_options(batch_size))
@@ -132,22 +163,25 @@ def skipped_total(iterator):
 
 
 class _WholeRecord(grain.transforms.Map):
-  """Evaluation of several captions and of labels: image, every caption and the meta."""
+  """Evaluation of several captions and of labels: the evaluation view of the image, every
+  caption and the meta."""
 
   def __init__(self, image_size):
-    self.decode = transforms.DecodeRecord(image_size, skip_bad=True)
+    self.decode = transforms.DecodeRecord(skip_bad=True)
+    self.crop = transforms.CenterCrop(image_size)
 
   def map(self, element):
-    out = self.decode.map(element)
+    out = self.crop.map(self.decode.map(element))
     if "bad" not in out:
       out["meta"] = sources.decode_record(element).get("meta", {})
     return out
 
 
-def eval_records(data_dir, *, batch_size, split="test", max_records=None):
+def eval_records(data_dir, *, batch_size, split="test", max_records=None, image_size=None):
   """Finite, fixed-order batches of whole records (the first `max_records`, default all).
 
-  Each pass yields {"image": float32 [b,H,W,3], "captions": [[str, ...]] * b,
+  Each pass yields {"image": uint8 [b,S,S,3] (resized shorter side, center crop; S =
+  `image_size`, default the stored size), "captions": [[str, ...]] * b,
   "meta": [dict] * b}, the last batch possibly smaller; captions are not tokenized, so the
   evaluator can take several per image.
   """
@@ -156,6 +190,6 @@ def eval_records(data_dir, *, batch_size, split="test", max_records=None):
   ds = grain.MapDataset.source(sources.open_split(data_dir, split))
   if max_records is not None and max_records < len(ds):
     ds = ds[:max_records]
-  ds = (ds.map(_WholeRecord(manifest["image_size"])).filter(transforms.DropBad())
+  ds = (ds.map(_WholeRecord(image_size or manifest["image_size"])).filter(transforms.DropBad())
         .to_iter_dataset(_read_options(batch_size)))
   return ds.batch(batch_size, drop_remainder=False, batch_fn=transforms.collate)

@@ -2,7 +2,8 @@
 
 Layout of a data dir (format "jaxret-records-v1"):
 
-  manifest.json   {"format": "jaxret-records-v1", "name": str, "image_size": int,
+  manifest.json   {"format": "jaxret-records-v1", "name": str,
+                   "image_size": int (stored size: the images' shorter side),
                    "tokenizer": "tokenizer.json",
                    "splits": {split: {"files": [relative names], "num_records": int,
                                       "sha256": {file: hex digest}}},
@@ -15,14 +16,14 @@ Layout of a data dir (format "jaxret-records-v1"):
 Each ArrayRecord record is one image with its captions:
 
   msgpack.packb({
-      "image": <PNG bytes, RGB, image_size x image_size>,
+      "image": <encoded image bytes (PNG or JPEG)>,
       "captions": [str, ...],   # all valid descriptions; captions[0] is canonical
       "meta": {...},            # free-form; the demo stores
                                 #   "items": [[class_name, colour, cell_name], ...]
                                 #   (reading order) and "source_index": [int, ...]
   })
 
-Evaluation uses captions[0]; training samples one caption per element.
+Training draws one caption per image per epoch; evaluation scores every caption.
 """
 
 import hashlib
@@ -36,6 +37,24 @@ from jaxret.errors import UserError, did_you_mean
 
 FORMAT = "jaxret-records-v1"
 MANIFEST = "manifest.json"
+
+
+def parse_mixture(entries):
+  """("dir:weight", ...) -> [(dir, float weight)]; a bare "dir" weighs 1."""
+  out = []
+  for entry in entries:
+    path, sep, weight = str(entry).rpartition(":")
+    if not sep or "/" in weight:  # no weight given (or the ':' was part of the path)
+      path, weight = str(entry), "1"
+    try:
+      w = float(weight)
+    except ValueError:
+      w = float("nan")
+    if not w > 0:
+      raise UserError(f"data.mixture entry '{entry}' needs a positive weight: write 'dir:weight', "
+                      "e.g. 'laion:0.7'")
+    out.append((path, w))
+  return out
 
 
 def load_manifest(data_dir):

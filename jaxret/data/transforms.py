@@ -1,4 +1,4 @@
-"""Per-element grain transforms: raw record -> {"image": float32 [-1,1], "text": int32}.
+"""Per-element grain transforms: raw record -> {"image": uint8 [S,S,3], "text": int32}.
 
 All are top-level classes holding only plain data (paths, ints), so they pickle
 into grain worker processes once those are turned on.
@@ -10,7 +10,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from jaxret.data import sources, tokenizers
+from jaxret.data import augment, sources, tokenizers
 from jaxret.errors import UserError
 
 
@@ -58,14 +58,13 @@ def decode_image(data):
 
 
 class DecodeRecord(grain.transforms.Map):
-  """Raw bytes -> {"image": float32 [H,W,3] in [-1,1], "captions": [str]}.
+  """Raw bytes -> {"image": uint8 [H,W,3] at the stored size, "captions": [str]}.
 
   With `skip_bad`, a record that cannot be used becomes {"bad": reason} (for SkipBad below)
   instead of raising.
   """
 
-  def __init__(self, image_size, skip_bad=False):
-    self.image_size = int(image_size)
+  def __init__(self, skip_bad=False):
     self.skip_bad = skip_bad
 
   def decode(self, element):
@@ -88,11 +87,19 @@ class DecodeRecord(grain.transforms.Map):
       if self.skip_bad:
         return {"bad": str(e)}
       raise UserError(f"bad record: {e}; reconvert the data") from None
-    if image.shape[:2] != (self.image_size, self.image_size):
-      # Caught here, not as a shape error deep in batching or in the model.
-      raise UserError(f"record image is {image.shape[1]}x{image.shape[0]} but the manifest "
-                      f"says image_size {self.image_size}: fix the manifest or reconvert")
-    return {"image": image.astype(np.float32) / 127.5 - 1.0, "captions": captions}
+    return {"image": image, "captions": captions}
+
+
+class CenterCrop(grain.transforms.Map):
+  """Evaluation view (augment.resize_center_crop); also training without augmentation."""
+
+  def __init__(self, size):
+    self.size = int(size)
+
+  def map(self, element):
+    if "bad" in element:
+      return element
+    return {**element, "image": augment.resize_center_crop(element["image"], self.size)}
 
 
 class DropBad(grain.transforms.Filter):
@@ -133,13 +140,24 @@ class SkipBad(grain.MapDataset):
                     "the data set is broken; reconvert it")
 
 
-class RandomCaption(grain.transforms.RandomMap):
-  """Training: one of the record's captions, drawn from grain's per-element rng."""
+class TrainView(grain.transforms.RandomMap):
+  """Training example from grain's per-element rng: one of the record's captions (a record is
+  visited once per epoch, so one caption per image per epoch) and the image view, a random
+  resized crop with `augment` = dict(crop_scale, crop_ratio, flip), else the evaluation view."""
+
+  def __init__(self, size, augment=None):
+    self.size = int(size)
+    self.augment = None if augment is None else (
+        tuple(augment["crop_scale"]), tuple(augment["crop_ratio"]), bool(augment["flip"]))
 
   def random_map(self, element, rng):
     captions = element["captions"]
     out = {k: v for k, v in element.items() if k != "captions"}
     out["caption"] = captions[rng.integers(len(captions))]
+    if self.augment is None:
+      out["image"] = augment.resize_center_crop(element["image"], self.size)
+    else:
+      out["image"] = augment.random_resized_crop(element["image"], rng, self.size, *self.augment)
     return out
 
 

@@ -37,10 +37,11 @@ class Evaluator:
   """evaluator(params, step) -> result dict; builds its jitted functions once."""
 
   def __init__(self, model, loss, mesh, param_shardings, *, data_dir, split, train_split,
-               tokenizer, manifest, eval_cfg):
+               tokenizer, manifest, eval_cfg, image_size=None):
     self.tasks = check_tasks(eval_cfg.tasks)
     self.cfg, self.loss, self.tokenizer, self.manifest = eval_cfg, loss, tokenizer, manifest
     self.data_dir, self.split, self.train_split = data_dir, split, train_split
+    self.image_size = image_size  # None: the stored size
     self.late = loss.similarity == "late_interaction"
     self.embed = Embedder(model, mesh, param_shardings, eval_cfg.batch_size, tokens=self.late)
     self.ranker = Ranker(mesh, eval_cfg.block_elements)
@@ -59,7 +60,7 @@ class Evaluator:
     images, texts, owner, items, view_parts, view_labels = [], [], [], [], [], []
     start = 0
     for batch in eval_records(self.data_dir, batch_size=self.embed.batch_size, split=split,
-                              max_records=max_records):
+                              max_records=max_records, image_size=self.image_size):
       images.append(self.embed(params, "image", batch["image"]))
       caps = [c[:m] for c in batch["captions"]]
       texts.append(self.embed(params, "text", self.tokenizer.encode_batch(

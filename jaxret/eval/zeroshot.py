@@ -51,13 +51,13 @@ def chance(labels, num_classes, ks):
 
 
 def item_views(image, items, cells):
-  """One image per item: that item's cell kept, the rest set to the background (-1)."""
+  """One image per item (uint8): that item's cell kept, the rest set to the black background."""
   size = image.shape[0] // 2
   views = []
   for _, _, cell in items:
     i = cells.index(cell)
     r, c = (i // 2) * size, (i % 2) * size
-    view = np.full_like(image, -1.0)
+    view = np.zeros_like(image)
     view[r:r + size, c:c + size] = image[r:r + size, c:c + size]
     views.append(view)
   return views

@@ -78,7 +78,7 @@ def export_params(model_cfg, params, tokenizer_path, out, *, overwrite=False):
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
   try:
-    perm, ids = processor.write_processor(tmp, target, tokenizer_path, model_cfg.image.size,
+    perm, ids = processor.write_processor(tmp, target, tokenizer_path, model_cfg.image,
                                           model_cfg.text.max_len)
     tensors = state_dict(target, model_cfg, flat, perm)
     hf_cfg = targets.hf_config(target, model_cfg, vocab_size=len(perm), special_ids=ids,

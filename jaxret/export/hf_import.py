@@ -87,6 +87,19 @@ def token_rows(hf_dir, tokenizer_path):
   return np.array([theirs[w] for w in words]), tokenizer_path
 
 
+def pixel_statistics(hf_dir):
+  """The image processor's normalisation (OpenAI CLIP's mean/std, SigLIP's 0.5) as
+  model.image.mean/std; nothing when the folder has no preprocessor_config.json."""
+  path = os.path.join(hf_dir, "preprocessor_config.json")
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    pre = json.load(f)
+  if not pre.get("do_normalize", True) or "image_mean" not in pre:
+    return {}
+  return {"mean": [float(v) for v in pre["image_mean"]], "std": [float(v) for v in pre["image_std"]]}
+
+
 def import_hf(hf_dir, tokenizer_path=None):
   """-> (model section dict, params pytree of np.float32, tokenizer file or None)."""
   from jaxret import config
@@ -97,6 +110,7 @@ def import_hf(hf_dir, tokenizer_path=None):
     raise UserError(f"'{hf_dir}/model.safetensors' has no logit_scale: save the whole "
                     f"{'CLIPModel' if target == 'clip' else 'SiglipModel'}, not one tower")
   updates = targets.model_updates(target, hf_cfg, float(tensors["logit_scale"].reshape(())))
+  updates["image"].update(pixel_statistics(hf_dir))
   rows, tok_file = token_rows(hf_dir, tokenizer_path)
   if rows is not None:
     tensors["text_model.embeddings.token_embedding.weight"] = (

@@ -1,7 +1,9 @@
 """The exported tokenizer and image processor: the same ids and pixels jaxret's eval path makes.
 
-Images: jaxret evaluates x / 127.5 - 1 on images of `model.image.size`; the processor resizes
-to that size, rescales by 1/255 and normalises with mean 0.5, std 0.5 (the same map).
+Images: jaxret evaluates (x / 255 - mean) / std (`model.image.mean/std`) on the shorter side
+resized to `model.image.size` and center-cropped; the CLIP processor does the same. SigLIP's
+processor (as Google's) resizes to the square without cropping: the same pixels for square
+images, a squeeze for others.
 
 Text: the run's own tokenizer.json, with one twist. transformers' CLIPTextTransformer pools
 with `input_ids.argmax(-1)` (the highest id, OpenAI's legacy) whenever `eos_token_id == 2`,
@@ -85,9 +87,9 @@ def write_tokenizer(out, spec, target, max_len):
   return tok
 
 
-def image_processor(target, size):
+def image_processor(target, size, mean, std):
   common = dict(do_resize=True, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
-                image_mean=[0.5] * 3, image_std=[0.5] * 3, do_convert_rgb=True)
+                image_mean=list(mean), image_std=list(std), do_convert_rgb=True)
   if target == "clip":
     from transformers import CLIPImageProcessorPil
     return CLIPImageProcessorPil(size={"shortest_edge": size}, do_center_crop=True,
@@ -96,13 +98,13 @@ def image_processor(target, size):
   return SiglipImageProcessorPil(size={"height": size, "width": size}, **common)
 
 
-def write_processor(out, target, tokenizer_path, image_size, max_len):
+def write_processor(out, target, tokenizer_path, image_cfg, max_len):
   """Writes tokenizer and image-processor files; -> (perm new->old, exported special ids)."""
   spec, ids, vocab_size = read_tokenizer(tokenizer_path)
   perm = id_permutation(target, ids, vocab_size)
   spec = permute_spec(spec, perm, tokenizer_path)
   tok = write_tokenizer(out, spec, target, max_len)
-  image_processor(target, image_size).save_pretrained(out)
+  image_processor(target, image_cfg.size, image_cfg.mean, image_cfg.std).save_pretrained(out)
   new_ids = {"pad": tok.pad_token_id, "bos": tok.bos_token_id, "eos": tok.eos_token_id}
   inverse = np.argsort(perm)
   assert all(new_ids[k] == inverse[ids[k]] for k in ids), (new_ids, ids)

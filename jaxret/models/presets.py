@@ -16,11 +16,18 @@ CLIP_TEXT = {
 }
 
 
+# OpenAI CLIP's pixel statistics (its image processor's image_mean / image_std).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
 def clip_towers(c, vit, text, embed_dim):
   """Set `c.model` to CLIP's layout: cls pooling with ln_pre and a bias-free patch embedding,
-  causal text pooled at the end token, quick_gelu, projections without bias."""
+  OpenAI's pixel statistics, causal text pooled at the end token, quick_gelu, projections
+  without bias."""
   c.model.update(embed_dim=embed_dim, image_proj=True, text_proj_bias=False, act="quick_gelu",
                  ln_eps=1e-5, init_scale=1 / 0.07, max_scale=100.0)
-  c.model.image.update(size=224, pool="cls", pre_norm=True, patch_bias=False, **VIT[vit])
+  c.model.image.update(size=224, pool="cls", pre_norm=True, patch_bias=False, mean=CLIP_MEAN,
+                       std=CLIP_STD, **VIT[vit])
   c.model.text.update(causal=True, pool="eos", **CLIP_TEXT[text])
   return c

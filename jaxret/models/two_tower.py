@@ -96,7 +96,7 @@ def build_model(model_cfg, *, vocab_size=None, pad_id=0, eos_id=2) -> TwoTower:
   image = ViT(patch_size=i.patch_size, width=i.width, depth=i.depth, num_heads=i.num_heads,
               mlp_dim=i.mlp_dim, pool=i.pool, pre_norm=i.pre_norm, patch_bias=i.patch_bias,
               act=model_cfg.act, ln_eps=model_cfg.ln_eps, dtype=dtype, remat=model_cfg.remat,
-              scan=model_cfg.scan)
+              scan=model_cfg.scan, mean=tuple(i.mean), std=tuple(i.std))
   text = TextTransformer(vocab_size=vocab_size, max_len=t.max_len, width=t.width, depth=t.depth,
                          num_heads=t.num_heads, mlp_dim=t.mlp_dim, causal=t.causal, pool=t.pool,
                          eos_id=eos_id, act=model_cfg.act, ln_eps=model_cfg.ln_eps, dtype=dtype,

@@ -28,10 +28,21 @@ class ViT(nn.Module):
   dtype: Any = jnp.float32
   remat: str = "none"
   scan: bool = False
+  # Pixel normalisation of uint8 input: (x / 255 - mean) / std per channel (CLIP: OpenAI's
+  # statistics; SigLIP: 0.5, i.e. [-1, 1]). Done here, on the device, so the data pipeline
+  # ships uint8 and XLA fuses it into the patch embedding.
+  mean: tuple = (0.5, 0.5, 0.5)
+  std: tuple = (0.5, 0.5, 0.5)
 
   @nn.compact
   def __call__(self, image):
-    """image [B, H, W, 3] -> (tokens [B, N, width] after the final LN, pooled [B, width])."""
+    """image [B, H, W, 3] -> (tokens [B, N, width] after the final LN, pooled [B, width]).
+
+    uint8 pixels are normalised with `mean`/`std`; floats are taken as already normalised
+    (what an exported model's image processor produces)."""
+    if jnp.issubdtype(image.dtype, jnp.integer):
+      mean, std = jnp.asarray(self.mean, jnp.float32), jnp.asarray(self.std, jnp.float32)
+      image = (image.astype(jnp.float32) / 255.0 - mean) / std
     p = self.patch_size
     if image.shape[1] % p or image.shape[2] % p:
       raise ValueError(f"image size {image.shape[1:3]} is not divisible by patch_size {p}")

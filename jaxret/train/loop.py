@@ -13,7 +13,7 @@ import tqdm
 
 from jaxret import losses
 from jaxret.data.pipeline import skipped_total, train_iterator
-from jaxret.data.sources import load_manifest
+from jaxret.data.sources import load_manifest, parse_mixture
 from jaxret.data.tokenizers import load_tokenizer
 from jaxret.errors import UserError
 from jaxret.eval.report import format_table, write_result
@@ -38,9 +38,6 @@ class Experiment:
       raise UserError(f"batch_size {cfg.batch_size} must be divisible by the {n} batch-parallel "
                       f"devices and {p} processes; change --config.batch_size")
     self.manifest = load_manifest(cfg.data.dir)
-    if self.manifest["image_size"] != cfg.model.image.size:
-      raise UserError(f"data in '{cfg.data.dir}' has {self.manifest['image_size']}px images but "
-                      f"model.image.size is {cfg.model.image.size}; make them equal")
     self.tokenizer = load_tokenizer(os.path.join(cfg.data.dir, self.manifest["tokenizer"]),
                                     cfg.model.text.max_len)
     want_vocab = cfg.model.text.vocab_size
@@ -60,7 +57,16 @@ class Experiment:
     c = self.cfg
     return Evaluator(self.model, self.loss, self.mesh, self.state_sh.params,
                      data_dir=c.data.dir, split=c.data.eval_split, train_split=c.data.train_split,
-                     tokenizer=self.tokenizer, manifest=self.manifest, eval_cfg=c.eval)
+                     tokenizer=self.tokenizer, manifest=self.manifest, eval_cfg=c.eval,
+                     image_size=c.model.image.size)
+
+
+def train_augment(data_cfg):
+  """The pipeline's augment argument (None: the evaluation view)."""
+  aug = data_cfg.augment
+  if not aug.enabled:
+    return None
+  return dict(crop_scale=tuple(aug.crop_scale), crop_ratio=tuple(aug.crop_ratio), flip=aug.flip)
 
 
 def check_workdir_config(workdir, cfg):
@@ -110,6 +116,8 @@ def train(cfg, workdir, *, stop_after_step=None, progress=True, devices=None):
                       async_save=cfg.checkpoint.async_save)
   data = train_iterator(cfg.data.dir, batch_size=cfg.batch_size // jax.process_count(),
                         text_len=cfg.model.text.max_len, seed=cfg.seed,
+                        image_size=cfg.model.image.size, augment=train_augment(cfg.data),
+                        mixture=parse_mixture(cfg.data.mixture),
                         split=cfg.data.train_split, workers=cfg.data.workers)
   start = ckpt.latest_step()
   if start is None:
@@ -117,7 +125,8 @@ def train(cfg, workdir, *, stop_after_step=None, progress=True, devices=None):
     state = init_state(exp.model, exp.tx, exp.mesh, cfg.model.image.size, cfg.seed, exp.state_sh)
     if cfg.model.init_from:
       state = state.replace(params=load_initial_params(
-          cfg.model.init_from, exp.abstract_state.params, exp.state_sh.params, cfg.model.scan))
+          cfg.model.init_from, exp.abstract_state.params, exp.state_sh.params, cfg.model.scan,
+          cfg.model.image))
   else:
     state = ckpt.restore(start, exp.abstract_state, data)
   if jax.process_index() == 0:

@@ -54,9 +54,11 @@ def init_state(model, tx, mesh, image_size, seed, shardings):
     return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
 
 
-def load_initial_params(path, abstract_params, param_shardings, scan):
-  """Weights written by `jaxret import-hf` (per-block layout), checked against the model and
-  placed in the run's shardings; a fresh run starts from them."""
+def load_initial_params(path, abstract_params, param_shardings, scan, image_cfg=None):
+  """Weights written by `jaxret import-hf` (per-block layout), checked against the model (and
+  `image_cfg`'s pixel normalisation against the imported one) and placed in the run's
+  shardings; a fresh run starts from them."""
+  import json
   import os
 
   from jaxret.errors import UserError
@@ -67,6 +69,7 @@ def load_initial_params(path, abstract_params, param_shardings, scan):
   if not os.path.isdir(os.path.join(path, "params")):
     raise UserError(f"model.init_from '{path}' is not a folder written by `jaxret import-hf` "
                     "(no params/ inside); run `jaxret import-hf HF_DIR --out FOLDER` first")
+  _check_pixel_statistics(path, image_cfg)
   params = load_imported(path)
   if scan:
     params = scanned(params)
@@ -80,3 +83,23 @@ def load_initial_params(path, abstract_params, param_shardings, scan):
                       f"{have} there but {need} here; set the model section from its model.json")
   params = jax.tree.map(lambda a, ref: jnp.asarray(a, ref.dtype), params, abstract_params)
   return jax.device_put(params, param_shardings)
+
+
+def _check_pixel_statistics(path, image_cfg):
+  """Weights trained on other pixel statistics silently lose accuracy: refuse instead."""
+  import json
+  import os
+
+  import numpy as np
+
+  from jaxret.errors import UserError
+  model_json = os.path.join(path, "model.json")
+  if image_cfg is None or not os.path.exists(model_json):
+    return
+  with open(model_json) as f:
+    image = json.load(f).get("image", {})
+  for key in ("mean", "std"):
+    if key in image and not np.allclose(image[key], image_cfg[key], atol=1e-6):
+      raise UserError(f"model.init_from '{path}' was trained with model.image.{key}="
+                      f"{tuple(image[key])} but this config has {tuple(image_cfg[key])}; set it "
+                      "from its model.json")
