@@ -1,13 +1,17 @@
-"""Training-pipeline throughput: decoded examples/s from 224x224 JPEG records, 0/1/2 workers.
+"""Training-pipeline throughput next to the train steps it feeds.
 
   python benchmarks/data.py [--records 1024] [--batch 64] [--batches 30] [--workers 0,1,2]
-                            [--train-metrics WORKDIR/metrics.jsonl]
+                            [--no-b16]
 
-Builds a throwaway data dir of JPEG records (smooth colour fields plus noise, ~20 KB each,
-like photos), then times `train_iterator` (decode, caption sampling, tokenize, batch) after
-one warm-up batch. With --train-metrics it prints the train step's consumption (the median
-examples_per_s of that run) and the headroom. Augmentation is not in the pipeline yet, so
-the figures are decode + normalise + tokenize.
+Builds two throwaway data dirs: 224px JPEG records (smooth colour fields plus noise, ~20 KB
+each, like photos) and a small build of the demo data (64px PNG scenes, 4 captions each).
+Times `train_iterator` on each with 0, 1 and 2 worker processes after one warm-up batch:
+decode, one caption per image, random resized crop (open_clip's scale 0.9-1) to the model's
+size, tokenize, batch; uint8 pixels (the model normalises them on the device).
+Then times the train step each feeds, on random inputs: the demo config (configs/demo.py,
+softmax) and a B/16-shaped CLIP (configs/clip.py:b16 at batch 8, float32 on this CPU), and
+prints the headroom, pipeline / step examples per second. The pipeline and the step are
+timed apart; in a run they share the CPU.
 """
 
 import argparse
@@ -47,10 +51,13 @@ def build(out, n, size=224):
                            "sha256": {}}}}))
 
 
-def measure(data_dir, workers, batch, batches):
+AUGMENT = dict(crop_scale=(0.9, 1.0), crop_ratio=(3 / 4, 4 / 3), flip=False)
+
+
+def measure(data_dir, workers, batch, batches, image_size, text_len):
   from jaxret.data.pipeline import train_iterator
-  it = train_iterator(data_dir, batch_size=batch, text_len=77, seed=0, process_index=0,
-                      process_count=1, workers=workers)
+  it = train_iterator(data_dir, batch_size=batch, text_len=text_len, seed=0, process_index=0,
+                      process_count=1, workers=workers, image_size=image_size, augment=AUGMENT)
   next(it)  # start-up (worker spawn, first decode) is not throughput
   t = time.perf_counter()
   for _ in range(batches):
@@ -60,28 +67,76 @@ def measure(data_dir, workers, batch, batches):
   return rate
 
 
+def step_rate(spec, overrides, steps):
+  """Examples/s of `spec`'s train step on one device, random uint8 images and token ids."""
+  import jax
+  from jaxret import config, losses
+  from jaxret.models.two_tower import build_model
+  from jaxret.parallel import partitioning
+  from jaxret.parallel.mesh import make_mesh
+  from jaxret.train.optim import make_optimizer
+  from jaxret.train.state import init_state, state_shardings
+  from jaxret.train.step import make_train_step
+  cfg = config.load(spec, overrides)
+  m = cfg.model
+  mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+  model = build_model(m, pad_id=0, eos_id=m.text.vocab_size - 1)
+  tx, schedule = make_optimizer(cfg.optim, cfg.total_steps)
+  _, sh = state_shardings(model, tx, mesh, m.image.size)
+  state = init_state(model, tx, mesh, m.image.size, 0, sh)
+  step = make_train_step(model, losses.get_loss(cfg.loss.name, cfg.loss), tx, schedule, mesh, sh)
+  rng = np.random.default_rng(0)
+  b, s, n = cfg.batch_size, m.image.size, m.text.max_len
+  text = rng.integers(3, m.text.vocab_size - 1, (b, n)).astype(np.int32)
+  text[:, n // 2] = m.text.vocab_size - 1  # an end token mid-way, padding after
+  text[:, n // 2 + 1:] = 0
+  bsh = partitioning.batch_sharding(mesh)
+  batch = {"image": jax.device_put(rng.integers(0, 256, (b, s, s, 3), dtype=np.uint8), bsh),
+           "text": jax.device_put(text, bsh)}
+  for _ in range(2):  # compile, warm up
+    state, metrics = step(state, batch)
+  jax.block_until_ready(metrics)
+  t = time.perf_counter()
+  for _ in range(steps):
+    state, metrics = step(state, batch)
+  jax.block_until_ready(metrics)
+  return b * steps / (time.perf_counter() - t)
+
+
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--records", type=int, default=1024)
   p.add_argument("--batch", type=int, default=64)
   p.add_argument("--batches", type=int, default=30)
   p.add_argument("--workers", default="0,1,2")
-  p.add_argument("--train-metrics", help="metrics.jsonl of a run whose consumption to compare")
+  p.add_argument("--no-b16", action="store_true", help="skip the B/16 step (slow on a CPU)")
   a = p.parse_args()
+  root = Path(__file__).resolve().parents[1]
+  workers = [int(w) for w in a.workers.split(",")]
+  from jaxret.data.demo import build_demo
   with tempfile.TemporaryDirectory() as d:
-    build(Path(d), a.records)
-    rows = [(w, measure(d, w, a.batch, a.batches)) for w in map(int, a.workers.split(","))]
-  need = None
-  if a.train_metrics:
-    rates = [json.loads(line).get("examples_per_s") for line in open(a.train_metrics)]
-    need = statistics.median([r for r in rates if r])
-  print("| workers | examples/s (224px JPEG, decode+tokenize) |" +
-        (" headroom vs train step |" if need else ""))
-  print("|---|---|" + ("---|" if need else ""))
-  for w, r in rows:
-    print(f"| {w} | {r:.0f} |" + (f" {r / need:.1f}x |" if need else ""))
-  if need:
-    print(f"\ntrain step consumption ({a.train_metrics}): {need:.0f} examples/s (median)")
+    jpeg, demo = Path(d) / "jpeg", Path(d) / "demo"
+    jpeg.mkdir()
+    build(jpeg, a.records)
+    build_demo(demo, num_train=max(a.records, 2 * a.batch), num_test=10, progress=False)
+    demo_rows = [(w, measure(demo, w, a.batch, a.batches, 64, 20)) for w in workers]
+    jpeg_rows = [(w, measure(jpeg, w, a.batch, a.batches, 224, 77)) for w in workers]
+    from jaxret.data.tokenizers import load_tokenizer
+    vocab = load_tokenizer(demo / "tokenizer.json", 20).vocab_size
+  demo_step = step_rate(str(root / "configs/demo.py") + ":softmax",
+                        [f"model.text.vocab_size={vocab}"], 20)
+  b16_step = None if a.no_b16 else step_rate(
+      str(root / "configs/clip.py") + ":b16",
+      ["batch_size=8", "model.dtype=float32", "model.remat=none", "model.scan=false"], 3)
+  print("| records | workers | pipeline examples/s | train step it feeds | step examples/s "
+        "| headroom |")
+  print("|---|---:|---:|---|---:|---:|")
+  for name, rows, consumer, need in (
+      ("demo, 64px PNG", demo_rows, "demo (softmax, batch 128)", demo_step),
+      ("224px JPEG", jpeg_rows, "CLIP B/16 at 224 (batch 8, fp32)", b16_step)):
+    for w, r in rows:
+      head = f"{r / need:.1f}x" if need else "-"
+      print(f"| {name} | {w} | {r:.0f} | {consumer} | {need or 0:.1f} | {head} |")
 
 
 if __name__ == "__main__":
