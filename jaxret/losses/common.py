@@ -74,11 +74,13 @@ def ring_size(mesh, axes):
 
 
 def ring_walk(step, carry, count, first=0):
-  """carry = step(carry, parity) for moves first, first + 1, ... (count of them): a scan
-  over pairs of moves, so that each move's parity (which `ring_move` needs) is static."""
-  pair = lambda c, _: (step(step(c, first % 2), (first + 1) % 2), None)
-  carry, _ = jax.lax.scan(pair, carry, None, length=count // 2)
-  return step(carry, first % 2) if count % 2 else carry
+  """carry = step(carry, parity) for moves first, first + 1, ... (count of them), as one
+  scan; `parity` (move number % 2, which `ring_move` needs) is traced. (Unrolling, or a
+  scan over pairs of moves with static parities, gives each copy of the step its own
+  buffers: about twice the temp memory, for no speed.)"""
+  carry, _ = jax.lax.scan(lambda c, k: (step(c, k % 2), None), carry,
+                          jnp.arange(first, first + count))
+  return carry
 
 
 def ring_move(tree, axes, size, parity, inverse=False):
@@ -88,9 +90,9 @@ def ring_move(tree, axes, size, parity, inverse=False):
   Even D: neighbour swaps, between devices (2m, 2m+1) on even moves and (2m+1, 2m+2)
   on odd ones, so blocks from even devices walk the ring forwards and those from odd
   devices backwards. A swap is a two-device collective (an all_gather over pairs); a
-  ppermute round the ring syncs all D devices, which on CPU-simulated devices is most
-  of a small ring step's time. Odd D: ppermute, so after k moves a device holds the
-  block of device index - k. Arrays of one item size travel as one buffer.
+  ppermute syncs all D devices, which on CPU-simulated devices is most of a small ring
+  step's time. Odd D: ppermute, so after k moves a device holds the block of device
+  index - k. Arrays of one item size travel as one buffer (one collective, not one each).
   """
   if size == 1:
     return tree
@@ -113,6 +115,13 @@ def _move(x, axes, size, parity, inverse):
   if size % 2:
     step = -1 if inverse else 1
     return jax.lax.ppermute(x, axes, [(i, (i + step) % size) for i in range(size)])
+  if not isinstance(parity, int):  # a traced parity picks the pairing (groups are static)
+    return jax.lax.cond(parity == 0, lambda x: _swap(x, axes, size, 0),
+                        lambda x: _swap(x, axes, size, 1), x)
+  return _swap(x, axes, size, parity)
+
+
+def _swap(x, axes, size, parity):
   groups = [[(2 * m + parity) % size, (2 * m + 1 + parity) % size] for m in range(size // 2)]
   pair = jax.lax.all_gather(x, axes, axis_index_groups=groups)  # [2, ...] in group order
   first = (jax.lax.axis_index(axes) + parity) % 2 == 0  # this device is its pair's first
