@@ -8,6 +8,10 @@ a row is timed only when its estimated work fits the --max-seconds budget ("-" o
 "naive" is the full-matrix form big_vision's jit trainer uses: every device gathers the
 whole batch and evaluates the reference (B x B logits; B x B x Ni x Nt for FILIP).
 FILIP: 50 image tokens (ViT-B/32 at 224), 77 text tokens, d = 256, tiles of 32 examples.
+
+A second table compares ring with all_gather at equal B on 8 devices, timed interleaved
+(ring and all_gather alternate, in alternating order) so that load from other processes
+hits both alike; the ratio is the median of the per-round ratios.
 """
 
 import os
@@ -107,6 +111,8 @@ def measure(name, impl, devices, batch, fraction, max_seconds, repeats):
 def rows(args):
   sweep = [256, 512, 1024, 2048, 4096, 8192]
   plan = []
+  if args.ratios_only:
+    return plan
   for name in ("softmax", "sigmoid"):
     for impl in ("naive", "all_gather", "ring"):
       plan += [(name, impl, 8, b, 1.0) for b in sweep]
@@ -119,7 +125,35 @@ def rows(args):
   for name, local in (("softmax", 512), ("sigmoid", 512), ("filip", 64)):
     for impl in ("all_gather", "ring"):
       plan += [(name, impl, d, local * d, 1.0) for d in (1, 2, 4) if d * local not in ()]
-  return plan
+  return [row for row in plan if row[0] in args.losses]
+
+
+def ratios(name, batch, rounds, max_seconds):
+  """(all_gather ms, ring ms, median of per-round ring/all_gather), or None over budget."""
+  if flops(name, "all_gather", batch, 1.0) / FLOPS > max_seconds:
+    return None
+  mesh = mesh_of(8)
+  args = inputs(name, batch, mesh)
+  fns = [jax.jit(jax.value_and_grad(loss_fn(name, impl, mesh, 1.0), argnums=ARGNUMS[name]))
+         .lower(*args).compile() for impl in ("all_gather", "ring")]
+  for fn in fns:
+    jax.block_until_ready(fn(*args))  # warm-up
+  start = time.perf_counter()
+  jax.block_until_ready(fns[0](*args))
+  calls = max(1, min(20, int(0.02 / (time.perf_counter() - start))))  # >= ~20 ms a sample
+
+  def sample(fn):
+    start = time.perf_counter()
+    for _ in range(calls):
+      jax.block_until_ready(fn(*args))
+    return (time.perf_counter() - start) / calls
+
+  times = [[], []]
+  for r in range(rounds):
+    for i in ((0, 1) if r % 2 == 0 else (1, 0)):
+      times[i].append(sample(fns[i]))
+  ratio = statistics.median(ring / gather for gather, ring in zip(*times))
+  return statistics.median(times[0]) * 1e3, statistics.median(times[1]) * 1e3, ratio
 
 
 def main():
@@ -127,12 +161,20 @@ def main():
   parser.add_argument("--max-seconds", type=float, default=30.0,
                       help="time a row only if its rough fwd+bwd estimate is below this")
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--losses", default="softmax,sigmoid,filip",
+                      help="comma-separated losses for the first table")
+  parser.add_argument("--rounds", type=int, default=9,
+                      help="interleaved rounds per row of the ring/all_gather table (0: skip it)")
+  parser.add_argument("--ratios-only", action="store_true", help="print only the second table")
   args = parser.parse_args()
+  args.losses = args.losses.split(",")
   print(f"jax {jax.__version__}, {jax.device_count()} simulated {jax.devices()[0].platform} devices, "
         f"{os.cpu_count()} host cores; FILIP Ni={NI} Nt={NT} d={DIM} chunk={CHUNK}")
-  print(f"| loss | impl | tokens | devices | global B | local b | temp MiB/device | fwd+bwd ms |")
-  print("|---|---|---|---|---:|---:|---:|---:|")
-  for name, impl, devices, batch, fraction in rows(args):
+  plan = rows(args)
+  if plan:
+    print(f"| loss | impl | tokens | devices | global B | local b | temp MiB/device | fwd+bwd ms |")
+    print("|---|---|---|---|---:|---:|---:|---:|")
+  for name, impl, devices, batch, fraction in plan:
     tokens = "" if name != "filip" else ("all" if fraction >= 1 else f"{fraction:.0%}")
     try:
       temp, seconds = measure(name, impl, devices, batch, fraction, args.max_seconds, args.repeats)
@@ -142,6 +184,15 @@ def main():
       mib, ms = f"fails: {type(e).__name__}", "-"
     print(f"| {name} | {impl} | {tokens} | {devices} | {batch} | {batch // devices} | {mib} | {ms} |",
           flush=True)
+  if args.rounds:
+    print(f"\nring vs all_gather, 8 devices, {args.rounds} interleaved rounds\n")
+    print("| loss | global B | all_gather ms | ring ms | ring / all_gather |")
+    print("|---|---:|---:|---:|---:|")
+    for name in ("softmax", "sigmoid"):
+      for batch in (256, 512, 1024, 2048, 4096, 8192):
+        out = ratios(name, batch, args.rounds, args.max_seconds)
+        cells = "- | - | -" if out is None else f"{out[0]:.1f} | {out[1]:.1f} | {out[2]:.2f}x"
+        print(f"| {name} | {batch} | {cells} |", flush=True)
 
 
 if __name__ == "__main__":
