@@ -12,7 +12,7 @@ import pytest
 
 from jaxret import config, losses
 from jaxret.errors import UserError
-from jaxret.losses import filip, registry
+from jaxret.losses import common, filip, registry
 
 import test_losses as base  # shared data makers, meshes and tolerances
 
@@ -56,10 +56,13 @@ def test_ring_matches_reference(name, mesh_name):
   _check(_kernel_vg(name, mesh_name, **options)(*args), base._reference_vg(name)(*args))
 
 
-@pytest.mark.parametrize("shape", [(3, 1, 1), (3, 2, 1)])  # odd ring: ppermute; 6: swaps
+@pytest.mark.parametrize("small", [True, False])  # packed (and swaps on even rings) | as is
+@pytest.mark.parametrize("shape", [(3, 1, 1), (3, 2, 1), (4, 2, 1)])  # odd ring: ppermute
 @pytest.mark.parametrize("name", ["softmax", "sigmoid", "filip"])
-def test_ring_of_any_size_matches_reference(name, shape):
-  batch = 12
+def test_ring_of_any_size_matches_reference(name, shape, small, monkeypatch):
+  if not small:
+    monkeypatch.setattr(common, "SMALL_BLOCK_BYTES", 0)
+  batch = 12 if shape[0] == 3 else 16
   if name == "filip":
     args = (*base._tokens(batch), np.float32(base.SCALE))
   else:

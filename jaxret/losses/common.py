@@ -73,59 +73,75 @@ def ring_size(mesh, axes):
   return math.prod(mesh.shape[a] for a in axes)
 
 
-def ring_walk(step, carry, count, first=0):
-  """carry = step(carry, parity) for moves first, first + 1, ... (count of them), as one
-  scan; `parity` (move number % 2, which `ring_move` needs) is traced. (Unrolling, or a
-  scan over pairs of moves with static parities, gives each copy of the step its own
-  buffers: about twice the temp memory, for no speed.)"""
-  carry, _ = jax.lax.scan(lambda c, k: (step(c, k % 2), None), carry,
-                          jnp.arange(first, first + count))
-  return carry
+# Blocks up to this size travel packed into one buffer and, on even rings, by pair swaps:
+# a small block's move costs its collectives' syncs. Larger blocks travel as they are, by
+# ppermute: their compute hides the syncs, and packing and swapping would hold about three
+# copies of the message instead of one.
+SMALL_BLOCK_BYTES = 256 * 2**10
 
 
-def ring_move(tree, axes, size, parity, inverse=False):
-  """Move number k (parity = k % 2) of a walk that takes every device's block to every
-  other device in D-1 moves, and home again on move D-1 (the D-th). `inverse` undoes it.
+class Ring:
+  """How one walk round the ring moves its blocks: chosen once from the travelling block
+  (`block`: its shape and dtype), so that every move of a walk, and any walk undoing it
+  (ring.lse_sum's backward), moves the same way."""
 
-  Even D: neighbour swaps, between devices (2m, 2m+1) on even moves and (2m+1, 2m+2)
-  on odd ones, so blocks from even devices walk the ring forwards and those from odd
-  devices backwards. A swap is a two-device collective (an all_gather over pairs); a
-  ppermute syncs all D devices, which on CPU-simulated devices is most of a small ring
-  step's time. Odd D: ppermute, so after k moves a device holds the block of device
-  index - k. Arrays of one item size travel as one buffer (one collective, not one each).
-  """
-  if size == 1:
-    return tree
-  leaves, treedef = jax.tree.flatten(tree)
-  out = list(leaves)
-  for width in sorted({x.dtype.itemsize for x in leaves}):
-    group = [i for i, x in enumerate(leaves) if x.dtype.itemsize == width]
-    words = [_as_uint(leaves[i]).reshape(-1) for i in group]
-    buffer = _move(words[0] if len(group) == 1 else jnp.concatenate(words), axes, size, parity,
-                   inverse)
-    start = 0
-    for i in group:
-      x = leaves[i]
-      out[i] = _from_uint(buffer[start:start + x.size].reshape(x.shape), x.dtype)
-      start += x.size
-  return jax.tree.unflatten(treedef, out)
+  def __init__(self, axes, size, block):
+    self.axes, self.size = axes, size
+    small = block.size * block.dtype.itemsize <= SMALL_BLOCK_BYTES
+    self.packed, self.swaps = small, small and size % 2 == 0
 
+  def walk(self, step, carry, count, first=0):
+    """carry = step(carry, parity) for moves first, first + 1, ... (count of them), as one
+    scan; `parity` (move number % 2) is traced. (Unrolling, or a scan over pairs of moves
+    with static parities, gives each copy of the step its own buffers: about twice the
+    temp memory, for no speed.)"""
+    carry, _ = jax.lax.scan(lambda c, k: (step(c, k % 2), None), carry,
+                            jnp.arange(first, first + count))
+    return carry
 
-def _move(x, axes, size, parity, inverse):
-  if size % 2:
-    step = -1 if inverse else 1
-    return jax.lax.ppermute(x, axes, [(i, (i + step) % size) for i in range(size)])
-  if not isinstance(parity, int):  # a traced parity picks the pairing (groups are static)
-    return jax.lax.cond(parity == 0, lambda x: _swap(x, axes, size, 0),
-                        lambda x: _swap(x, axes, size, 1), x)
-  return _swap(x, axes, size, parity)
+  def move(self, tree, parity, inverse=False):
+    """Move number k (parity = k % 2) of a walk that takes every device's block to every
+    other device in D-1 moves, and home again on move D-1 (the D-th). `inverse` undoes it.
 
+    Swaps: between devices (2m, 2m+1) on even moves and (2m+1, 2m+2) on odd ones, so
+    blocks from even devices walk the ring forwards and those from odd devices backwards.
+    A swap is a two-device collective (an all_gather over pairs); a ppermute syncs all D
+    devices, which on CPU-simulated devices is most of a small block's step. Otherwise
+    ppermute: after k moves a device holds the block of device index - k. Packed: arrays
+    of one item size travel as one buffer (one collective, not one each).
+    """
+    if self.size == 1:
+      return tree
+    if not self.packed:
+      return jax.tree.map(lambda x: self._move(x, parity, inverse), tree)
+    leaves, treedef = jax.tree.flatten(tree)
+    out = list(leaves)
+    for width in sorted({x.dtype.itemsize for x in leaves}):
+      group = [i for i, x in enumerate(leaves) if x.dtype.itemsize == width]
+      words = [_as_uint(leaves[i]).reshape(-1) for i in group]
+      buffer = self._move(words[0] if len(group) == 1 else jnp.concatenate(words), parity,
+                          inverse)
+      start = 0
+      for i in group:
+        x = leaves[i]
+        out[i] = _from_uint(buffer[start:start + x.size].reshape(x.shape), x.dtype)
+        start += x.size
+    return jax.tree.unflatten(treedef, out)
 
-def _swap(x, axes, size, parity):
-  groups = [[(2 * m + parity) % size, (2 * m + 1 + parity) % size] for m in range(size // 2)]
-  pair = jax.lax.all_gather(x, axes, axis_index_groups=groups)  # [2, ...] in group order
-  first = (jax.lax.axis_index(axes) + parity) % 2 == 0  # this device is its pair's first
-  return jnp.where(first, pair[1], pair[0])
+  def _move(self, x, parity, inverse):
+    if not self.swaps:
+      step = -1 if inverse else 1
+      return jax.lax.ppermute(x, self.axes, [(i, (i + step) % self.size) for i in range(self.size)])
+    if not isinstance(parity, int):  # a traced parity picks the pairing (groups are static)
+      return jax.lax.cond(parity == 0, lambda x: self._swap(x, 0), lambda x: self._swap(x, 1), x)
+    return self._swap(x, parity)
+
+  def _swap(self, x, parity):
+    size = self.size
+    groups = [[(2 * m + parity) % size, (2 * m + 1 + parity) % size] for m in range(size // 2)]
+    pair = jax.lax.all_gather(x, self.axes, axis_index_groups=groups)  # [2, ...] group order
+    first = (jax.lax.axis_index(self.axes) + parity) % 2 == 0  # this device is its pair's first
+    return jnp.where(first, pair[1], pair[0])
 
 
 def _as_uint(x):

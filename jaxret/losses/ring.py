@@ -1,7 +1,7 @@
 """Ring form of the symmetric InfoNCE normaliser, memory b x b, exact gradients.
 
 Each device keeps its b images and passes its b texts round the ring of D devices
-(`common.ring_move`). At every stop it scores one b x b block and folds it into an
+(`common.Ring`). At every stop it scores one b x b block and folds it into an
 online log-sum-exp: over the block's columns for its own image rows, and over the
 block's rows for the visiting texts (that running sum travels with the texts). Autodiff
 through the loop would keep every block (b x B), so a custom_vjp re-runs the ring in the
@@ -38,19 +38,20 @@ def _score(block, images, image_aux, texts, text_aux, params):
 
 def _forward(block, axes, size, wire_dtype, images, image_aux, texts, text_aux, params):
   wire = texts.astype(wire_dtype or texts.dtype)
+  walk = common.Ring(axes, size, wire)
   row, col = _score(block, images, image_aux, wire, text_aux, params)  # own block first
   row_lse, col_lse = jax.nn.logsumexp(row, axis=1), jax.nn.logsumexp(col, axis=0)
 
   def step(carry, parity):
     row_lse, wire, text_aux, col_lse = carry
-    wire, text_aux, col_lse = common.ring_move((wire, text_aux, col_lse), axes, size, parity)
+    wire, text_aux, col_lse = walk.move((wire, text_aux, col_lse), parity)
     row, col = _score(block, images, image_aux, wire, text_aux, params)
     row_lse = jnp.logaddexp(row_lse, jax.nn.logsumexp(row, axis=1))
     col_lse = jnp.logaddexp(col_lse, jax.nn.logsumexp(col, axis=0))
     return row_lse, wire, text_aux, col_lse
 
   carry = (row_lse, wire, text_aux, col_lse)
-  row_lse, wire, text_aux, col_lse = common.ring_walk(step, carry, size - 1)
+  row_lse, wire, text_aux, col_lse = walk.walk(step, carry, size - 1)
   total = jnp.sum(row_lse) + jnp.sum(col_lse)  # col_lse: the texts held now, complete
   return total, (row_lse, wire, text_aux, col_lse)
 
@@ -62,6 +63,7 @@ def _lse_sum_fwd(block, axes, size, wire_dtype, images, image_aux, texts, text_a
 
 def _lse_sum_bwd(block, axes, size, wire_dtype, res, g):
   images, image_aux, params, like, row_lse, wire, text_aux, col_lse = res
+  walk = common.Ring(axes, size, wire)  # moves as the forward's did
 
   def visit(wire, text_aux, col_lse):
     # d lse / d logit = softmax weight; recompute the block and pull the weights back.
@@ -73,14 +75,14 @@ def _lse_sum_bwd(block, axes, size, wire_dtype, res, g):
 
   def step(carry, parity):  # undo the forward's moves, last first: home after D-1
     d_images, d_params, wire, text_aux, col_lse, d_texts = carry
-    wire, text_aux, col_lse, d_texts = common.ring_move((wire, text_aux, col_lse, d_texts), axes,
-                                                        size, parity, inverse=True)
+    wire, text_aux, col_lse, d_texts = walk.move((wire, text_aux, col_lse, d_texts), parity,
+                                                 inverse=True)
     di, dt, dp = visit(wire, text_aux, col_lse)
     return (d_images + di, jax.tree.map(jnp.add, d_params, dp), wire, text_aux, col_lse,
             d_texts + dt)
 
   carry = (d_images, d_params, wire, text_aux, col_lse, d_texts)
-  d_images, d_params, _, _, _, d_texts = common.ring_walk(step, carry, size - 1, first=size - 2)
+  d_images, d_params, _, _, _, d_texts = walk.walk(step, carry, size - 1, first=size - 2)
   return d_images, None, d_texts.astype(like.dtype), None, d_params
 
 

@@ -66,22 +66,23 @@ def _ring_sum(images, texts, scale, bias, axes, size, grads):
     return value, pull(jnp.ones_like(value))
 
   total, d = visit(texts, own=True)
+  ring = common.Ring(axes, size, texts)
 
   def step(carry, parity):
     total, texts, d = carry
     if grads:
-      texts, d_texts = common.ring_move((texts, d[1]), axes, size, parity)
+      texts, d_texts = ring.move((texts, d[1]), parity)
       d = (d[0], d_texts, d[2], d[3])
     else:
-      texts = common.ring_move(texts, axes, size, parity)
+      texts = ring.move(texts, parity)
     value, d_new = visit(texts, own=False)
     if grads:
       d = jax.tree.map(jnp.add, d, d_new)
     return total + value, texts, d
 
-  total, _, d = common.ring_walk(step, (total, texts, d), size - 1)
+  total, _, d = ring.walk(step, (total, texts, d), size - 1)
   if grads:
-    d = (d[0], common.ring_move(d[1], axes, size, (size - 1) % 2), d[2], d[3])
+    d = (d[0], ring.move(d[1], (size - 1) % 2), d[2], d[3])
   return total, d
 
 
