@@ -35,8 +35,13 @@ class TextTransformer(nn.Module):
     """text [B, L] int32 -> (tokens [B, L, width] after the final LN, pooled [B, width])."""
     if text.shape[1] > self.max_len:
       raise ValueError(f"text length {text.shape[1]} exceeds max_len {self.max_len}")
-    x = nn.Embed(self.vocab_size, self.width, name="token_embedding", dtype=self.dtype,
-                 embedding_init=logical(nn.initializers.normal(0.02), ("vocab", "embed")))(text)
+    embed = nn.Embed(self.vocab_size, self.width, name="token_embedding", dtype=self.dtype,
+                     embedding_init=logical(nn.initializers.normal(0.02), ("vocab", "embed")))
+    # Gather whole rows (the table's FSDP shards all-gathered first, as for any weight):
+    # a lookup from an embed-sharded table yields embed-sharded rows for every example,
+    # which SPMD can only reshard to batch shards by replicating them.
+    table = nn.with_logical_constraint(embed.embedding, ("vocab", None))
+    x = jnp.take(table, text, axis=0).astype(self.dtype)
     pos = self.param("pos_embedding", logical(nn.initializers.normal(0.01), (None, "length", "embed")),
                      (1, self.max_len, self.width))
     x = x + pos[:, :text.shape[1]].astype(x.dtype)
