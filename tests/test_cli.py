@@ -37,6 +37,18 @@ def test_console_command_is_installed():
   assert proc.returncode == 0 and "train" in proc.stdout and "eval" in proc.stdout
 
 
+def test_console_command_trains_with_worker_processes(demo_dir, tmp_path):
+  """grain's spawned workers start under the installed `jaxret` entry point (no __main__
+  guard of the user's)."""
+  proc = subprocess.run([JAXRET, *train_args(demo_dir, tmp_path, "data.workers=2", "total_steps=3",
+                                             "eval.tasks=('retrieval',)")],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+  assert "R@1" in proc.stdout
+
+
 def test_misspelled_key_suggests_the_nearest(demo_dir, tmp_path):
   proc = run(*train_args(demo_dir, tmp_path, "batch_sise=64"))
   assert_one_line_error(proc, "batch_sise", "did you mean 'batch_size'")
