@@ -88,7 +88,11 @@ class Ring:
   def __init__(self, axes, size, block):
     self.axes, self.size = axes, size
     small = block.size * block.dtype.itemsize <= SMALL_BLOCK_BYTES
-    self.packed, self.swaps = small, small and size % 2 == 0
+    # Swaps pay where a ppermute makes every device wait (CPU-simulated devices, where they
+    # were measured); accelerators keep the ring's ppermute, which all backends support
+    # (all_gather with axis_index_groups is not everywhere).
+    self.packed = small
+    self.swaps = small and size % 2 == 0 and jax.default_backend() == "cpu"
 
   def walk(self, step, carry, count, first=0):
     """carry = step(carry, parity) for moves first, first + 1, ... (count of them), as one
