@@ -153,3 +153,16 @@ def test_uint8_pixels_are_normalised_with_the_configured_statistics():
   got = vit.apply(params, jnp.asarray(pixels))
   for g, w in zip(got, want):
     np.testing.assert_allclose(g, w, atol=1e-5)
+
+
+def test_exact_gelu_matches_the_erf_formula_and_its_derivative():
+  from jaxret.models.layers import ACTIVATIONS
+  x = np.linspace(-8, 8, 1001)
+  want = np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x])
+  gelu = ACTIVATIONS["gelu"]
+  np.testing.assert_allclose(gelu(jnp.asarray(x, jnp.float32)), want, atol=2e-6)
+  # d/dx = Phi(x) + x phi(x)
+  dwant = np.array([0.5 * (1 + math.erf(v / math.sqrt(2))) + v * math.exp(-v * v / 2)
+                    / math.sqrt(2 * math.pi) for v in x])
+  np.testing.assert_allclose(jax.vmap(jax.grad(gelu))(jnp.asarray(x, jnp.float32)), dwant,
+                             atol=2e-6)

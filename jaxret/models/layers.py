@@ -10,13 +10,16 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 
 ACTIVATIONS = {
     # Flax's default gelu is the tanh approximation (torch: gelu(approximate='tanh')).
     "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
-    "gelu": lambda x: nn.gelu(x, approximate=False),
+    # Exact GELU in PyTorch's form, x/2 (1 + erf(x/sqrt 2)): jax's own uses erfc(-x/sqrt 2),
+    # which XLA:CPU expands into exp and selects, 13% of a small CLIP's train step.
+    "gelu": lambda x: 0.5 * x * (1 + jax.lax.erf(x * np.sqrt(0.5).astype(x.dtype))),
     # OpenAI CLIP's activation.
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
 }
@@ -56,11 +59,12 @@ class Attention(nn.Module):
       return w.astype(self.dtype), b.astype(self.dtype)
 
     (wq, bq), (wk, bk), (wv, bv) = heads_in("query"), heads_in("key"), heads_in("value")
-    q = jnp.einsum("bld,dhk->blhk", x_q.astype(self.dtype), wq) + bq
+    # Scaled before the logits (one multiply XLA fuses into q's bias add).
+    q = (jnp.einsum("bld,dhk->blhk", x_q.astype(self.dtype), wq) + bq) * (dh ** -0.5)
     k = jnp.einsum("bld,dhk->blhk", x_kv.astype(self.dtype), wk) + bk
     v = jnp.einsum("bld,dhk->blhk", x_kv.astype(self.dtype), wv) + bv
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(dh).astype(self.dtype)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)
     if mask is not None:
       logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
