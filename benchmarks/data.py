@@ -17,7 +17,6 @@ timed apart; in a run they share the CPU.
 import argparse
 import io
 import json
-import statistics
 import tempfile
 import time
 from pathlib import Path

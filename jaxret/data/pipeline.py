@@ -10,8 +10,9 @@ the batches of a 1-host run), and each process decodes only its own rows. Everyt
 MapDataset (index-addressable), so the iterator state is one integer and `set_state`
 resumes exactly, also across epochs.
 
-Evaluation (`eval_records`): whole records in file order -> decode -> center crop -> batch (the last batch
-may be smaller), every caption kept untokenized for the evaluator; broken records are left out.
+Evaluation (`eval_records`): whole records in file order -> decode -> center crop -> batch
+(the last batch may be smaller), every caption kept untokenized for the evaluator; broken
+records are left out.
 
 Broken records (undecodable image, no usable caption) never stop training: element i of the
 order is replaced by the next usable record (transforms.SkipBad), a rule of the index alone,
@@ -115,9 +116,7 @@ def train_iterator(data_dir, *, batch_size, text_len, seed, image_size=None, aug
                       f"batch of {batch_size * count}; lower the batch size or use more data")
   else:
     parts = []
-    for k, (source_dir, weight) in enumerate(mixture):
-      if not weight > 0:
-        raise UserError(f"mixture weight of '{source_dir}' is {weight}; weights must be > 0")
+    for k, (source_dir, _) in enumerate(mixture):  # weights checked by sources.parse_mixture
       _same_tokenizer(data_dir, manifest, source_dir)
       parts.append(_source_order(source_dir, split, seed * 1009 + k)[0])
     ds = grain.MapDataset.mix(parts, [float(w) for _, w in mixture]).seed(seed)

@@ -58,7 +58,6 @@ def load_initial_params(path, abstract_params, param_shardings, scan, image_cfg=
   """Weights written by `jaxret import-hf` (per-block layout), checked against the model (and
   `image_cfg`'s pixel normalisation against the imported one) and placed in the run's
   shardings; a fresh run starts from them."""
-  import json
   import os
 
   from jaxret.errors import UserError
