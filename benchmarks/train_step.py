@@ -7,7 +7,9 @@ Both sides: ViT patch 16 at 64x64, width 256, 4 layers, 4 heads, MLP 1024, exact
 LayerNorm eps 1e-5; causal text transformer, context 32, width 256, 4 layers; embeddings 256;
 CLIP softmax loss with a learnable temperature; AdamW. Random inputs (the data pipeline is
 benchmarked separately). The two are timed in alternating rounds so machine load hits both,
-and the table reports medians. MFU divides the train step's FLOPs (XLA cost analysis of the
+and the table reports medians. jaxret is imported first, as a user's script would, so its
+malloc setting (jaxret/cpu_malloc.py) applies to the whole process, open_clip included;
+JAXRET_CPU_MALLOC=0 runs both on glibc's defaults. MFU divides the train step's FLOPs (XLA cost analysis of the
 compiled step) by the machine's measured fp32 matmul rate: on a CPU there is no datasheet peak.
 Needs torch==2.13.0 and open-clip-torch==3.3.0 (installed with --no-deps: see below).
 """
@@ -19,6 +21,7 @@ import sys
 import time
 import types
 
+from jaxret import cpu_malloc  # first: its malloc setting must precede JAX's threads
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -182,6 +185,8 @@ def main():
     print(f"{name:<10}{med:>12.1f}{f'{lo:.1f}-{hi:.1f}':>20}{mfu:>8}")
   print(f"ratio jaxret/open_clip: {j / o:.2f}  (train step {flops / 1e9:.2f} GFLOP, measured "
         f"matmul rate {peak / 1e9:.1f} GFLOP/s, load average at start {load:.1f})")
+  print("malloc: " + ("one arena, no mmap, no trim (jaxret.cpu_malloc)" if cpu_malloc.applied
+                      else "glibc defaults"))
 
 
 if __name__ == "__main__":
