@@ -21,10 +21,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import msgpack
-import numpy as np
-from array_record.python.array_record_module import ArrayRecordWriter
-from PIL import Image
+from jaxret import hugepages
+
+hugepages.reexec_if_needed()  # as the `jaxret` command does: glibc reads tunables at start-up
+
+import msgpack  # noqa: E402
+import numpy as np  # noqa: E402
+from array_record.python.array_record_module import ArrayRecordWriter  # noqa: E402
+from PIL import Image  # noqa: E402
 
 
 def build(out, n, size=224):

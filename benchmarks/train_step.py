@@ -7,10 +7,11 @@ Both sides: ViT patch 16 at 64x64, width 256, 4 layers, 4 heads, MLP 1024, exact
 LayerNorm eps 1e-5; causal text transformer, context 32, width 256, 4 layers; embeddings 256;
 CLIP softmax loss with a learnable temperature; AdamW. Random inputs (the data pipeline is
 benchmarked separately). The two are timed in alternating rounds so machine load hits both,
-and the table reports medians. jaxret is imported first, as a user's script would, so its
-malloc setting (jaxret/cpu_malloc.py) applies to the whole process, open_clip included;
-JAXRET_CPU_MALLOC=0 runs both on glibc's defaults. MFU divides the train step's FLOPs (XLA cost analysis of the
-compiled step) by the machine's measured fp32 matmul rate: on a CPU there is no datasheet peak.
+and the table reports medians. The script restarts itself with huge pages for glibc's large
+allocations, as the `jaxret` command does (jaxret/hugepages.py), so both frameworks run on
+them; JAXRET_HUGEPAGES=0 runs both on glibc's defaults. MFU divides the train step's FLOPs
+(XLA cost analysis of the compiled step) by the machine's measured fp32 matmul rate: on a CPU
+there is no datasheet peak.
 Needs torch==2.13.0 and open-clip-torch==3.3.0 (installed with --no-deps: see below).
 """
 import argparse
@@ -21,10 +22,13 @@ import sys
 import time
 import types
 
-from jaxret import cpu_malloc  # first: its malloc setting must precede JAX's threads
-import jax
-import jax.numpy as jnp
-import numpy as np
+from jaxret import hugepages
+
+hugepages.reexec_if_needed()  # first: glibc reads its tunables at start-up
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 WIDTH, LAYERS, HEADS, MLP, VOCAB, CONTEXT, IMAGE, PATCH = 256, 4, 4, 1024, 1000, 32, 64, 16
 
@@ -185,8 +189,7 @@ def main():
     print(f"{name:<10}{med:>12.1f}{f'{lo:.1f}-{hi:.1f}':>20}{mfu:>8}")
   print(f"ratio jaxret/open_clip: {j / o:.2f}  (train step {flops / 1e9:.2f} GFLOP, measured "
         f"matmul rate {peak / 1e9:.1f} GFLOP/s, load average at start {load:.1f})")
-  print("malloc: " + ("one arena, no mmap, no trim (jaxret.cpu_malloc)" if cpu_malloc.applied
-                      else "glibc defaults"))
+  print(f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}")
 
 
 if __name__ == "__main__":

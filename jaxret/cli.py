@@ -169,6 +169,9 @@ def run(argv):
 
 
 def main(argv=None):
+  if argv is None:  # a program, not a call from Python: huge pages for XLA:CPU's buffers
+    from jaxret import hugepages
+    hugepages.reexec_if_needed()
   try:
     run(sys.argv[1:] if argv is None else argv)
   except UserError as e:
