@@ -25,7 +25,7 @@ def to_rgb(im):
     im = im.convert("RGBA")
     white = Image.new("RGBA", im.size, (255, 255, 255, 255))
     im = Image.alpha_composite(white, im)
-  return im.convert("RGB")
+  return im if im.mode == "RGB" else im.convert("RGB")  # (convert would copy an RGB image)
 
 
 def clean_captions(captions):
