@@ -5,8 +5,8 @@ CLIP train step of benchmarks/train_step.py). glibc maps blocks over 32 MiB fres
 them on free, so each step faults the whole block in again, 4 KiB at a time: 88k page faults and
 about 140 ms of kernel time in a 300 ms step on the 2-core dev machine. glibc's tunable
 `glibc.malloc.hugetlb=1` (glibc >= 2.35) madvises those mappings for transparent huge pages, so a
-step takes a few hundred 2 MiB faults instead: +26% examples/s for that step and +29% for the
-demo's training loop (BENCHMARKS.md).
+step takes a few hundred 2 MiB faults instead: +16-26% examples/s for that step and +14-29% for
+the demo's training loop (BENCHMARKS.md).
 
 Tunables are read once, when the process starts, so `reexec_if_needed()` restarts the program
 (same interpreter, same arguments, same PID) with the tunable added to GLIBC_TUNABLES. The
