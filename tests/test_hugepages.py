@@ -47,8 +47,12 @@ def probe(setting, *args):
   return tunables, int(temp), int(faults), out[:-2]
 
 
-@pytest.mark.skipif(not hugepages._thp_available() or (hugepages._glibc_version() or (0,)) <
-                    (2, 35), reason="needs glibc >= 2.35 and transparent huge pages")
+needs_thp = pytest.mark.skipif(
+    not hugepages._thp_available() or (hugepages._glibc_version() or (0,)) < (2, 35),
+    reason="needs glibc >= 2.35 and transparent huge pages")
+
+
+@needs_thp
 def test_restart_sets_the_tunable_and_removes_the_page_faults():
   pages = lambda nbytes: nbytes // resource.getpagesize()  # noqa: E731
   tunables, temp, faults, _ = probe("0")
@@ -63,7 +67,11 @@ def test_restart_sets_the_tunable_and_removes_the_page_faults():
   assert faults_huge < pages(temp) // 8  # 2 MiB pages: 512x fewer faults when THP serves them
 
 
+@needs_thp
 def test_no_restart_when_turned_off_or_already_set(monkeypatch):
+  monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+  monkeypatch.setenv("JAXRET_HUGEPAGES", "1")
+  assert hugepages.needed()  # the control: without the switches below, it would restart
   monkeypatch.setenv("JAXRET_HUGEPAGES", "0")
   assert not hugepages.needed()
   monkeypatch.setenv("JAXRET_HUGEPAGES", "1")
