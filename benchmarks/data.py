@@ -77,8 +77,8 @@ def step_rate(spec, overrides, steps):
   from jaxret.models.two_tower import build_model
   from jaxret.parallel import partitioning
   from jaxret.parallel.mesh import make_mesh
-  from jaxret.train.optim import make_optimizer
-  from jaxret.train.state import init_state, state_shardings
+  from jaxret.optim import make_optimizer
+  from jaxret.experiment import init_state, state_shardings
   from jaxret.train.step import make_train_step
   cfg = config.load(spec, overrides)
   m = cfg.model

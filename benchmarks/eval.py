@@ -36,8 +36,8 @@ def main():
   from jaxret.eval.embed import Embedder
   from jaxret.eval.ranking import Ranker
   from jaxret.eval.retrieval import RetrievalEvaluator
-  from jaxret.train.loop import Experiment
-  from jaxret.train.state import init_state
+  from jaxret.experiment import Experiment
+  from jaxret.experiment import init_state
 
   cfg = config.load(os.path.join(ROOT, "configs", "demo.py") + ":" + args.loss,
                     [f"data.dir={args.data_dir}"])

@@ -39,8 +39,8 @@ def jaxret_step(batch_size):
   from jaxret.models.two_tower import build_model
   from jaxret.parallel import partitioning
   from jaxret.parallel.mesh import make_mesh
-  from jaxret.train.optim import make_optimizer
-  from jaxret.train.state import init_state, state_shardings
+  from jaxret.optim import make_optimizer
+  from jaxret.experiment import init_state, state_shardings
   from jaxret.train.step import make_train_step
 
   cfg = config.defaults()

@@ -127,14 +127,14 @@ def run(argv):
     from jaxret.parallel.mesh import initialize_distributed
     initialize_distributed(args.coordinator, args.num_processes, args.process_id,
                            auto=args.distributed)
-    from jaxret import config
+    from jaxret.experiment import load_config
     from jaxret.train.loop import train
-    cfg = config.load(args.config, overrides)
+    cfg = load_config(args.config, overrides)
     train(cfg, args.workdir, progress=not args.no_progress)
   elif args.command == "inspect":
-    from jaxret import config
-    from jaxret.parallel import planner
-    cfg = config.load(args.config, overrides)
+    from jaxret.experiment import load_config
+    from jaxret.train import planner
+    cfg = load_config(args.config, overrides)
     p = planner.plan(cfg, planner.parse_mesh(args.mesh), compile_activations=not args.no_compile)
     print(planner.format_plan(p, args.config))
   elif args.command == "eval":

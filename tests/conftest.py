@@ -35,9 +35,9 @@ def demo_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_config(demo_dir):
   """tiny_config(loss, *overrides) -> the demo config, shrunk, pointing at the session data."""
-  from jaxret import config
+  from jaxret.experiment import load_config
 
   def make(loss="softmax", *overrides):
-    return config.load(os.path.join(ROOT, "configs", "demo.py") + ":" + loss,
+    return load_config(os.path.join(ROOT, "configs", "demo.py") + ":" + loss,
                        TINY + [f"data.dir={demo_dir}", *overrides])
   return make

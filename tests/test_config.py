@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from jaxret import config
+from jaxret.experiment import load_config
 from jaxret.errors import UserError
 from jaxret.models.two_tower import build_model
 from jaxret.parallel.mesh import make_mesh, mesh_shape
@@ -46,7 +47,7 @@ def test_override_is_typed_and_applied():
 ])
 def test_bad_override_is_one_clear_line(override, needle):
   with pytest.raises(UserError) as e:
-    config.load(f"{DEMO}:softmax", [override])
+    load_config(f"{DEMO}:softmax", [override])
   assert needle in str(e.value) and "\n" not in str(e.value)
 
 
@@ -76,7 +77,7 @@ def test_missing_config_file_and_sigmoid_without_bias():
   with pytest.raises(UserError, match="not found"):
     config.load("configs/nope.py")
   with pytest.raises(UserError, match="needs a bias"):
-    config.load(f"{DEMO}:softmax", ["loss.name=sigmoid"])
+    load_config(f"{DEMO}:softmax", ["loss.name=sigmoid"])
 
 
 def test_mesh_must_fit_the_devices():

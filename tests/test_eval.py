@@ -233,13 +233,14 @@ def test_training_eval_reports_every_task(filip_run):
 
 def test_eval_matches_brute_force_on_the_same_embeddings(filip_run):
   """Recompute pooled and exact-FILIP recall from the evaluator's own embeddings, densely."""
-  from jaxret.eval.run import restore_params
   from jaxret.eval.retrieval import RetrievalEvaluator
-  from jaxret.train.loop import Experiment
+  from jaxret.eval.suite import build_evaluator
+  from jaxret.experiment import Experiment
+  from jaxret.workdir import restore_params
   workdir, cfg, result = filip_run
   exp = Experiment(cfg)
   params, _ = restore_params(exp, workdir)
-  ev = exp.evaluator()
+  ev = build_evaluator(exp)
   emb = ev.embed_records(params, "test")
   img, txt, owner = emb["image"]["image_emb"], emb["text"]["text_emb"], emb["caption_image"]
   images = np.arange(len(img))

@@ -23,7 +23,8 @@ transformers = pytest.importorskip("transformers")
 from jaxret import cli, config  # noqa: E402
 from jaxret.data import tokenizers, transforms  # noqa: E402
 from jaxret.errors import UserError  # noqa: E402
-from jaxret.export import hf, hf_import  # noqa: E402
+from jaxret.workdir import load_imported  # noqa: E402
+from jaxret.export import hf  # noqa: E402
 from jaxret.losses import filip_scores  # noqa: E402
 from jaxret.models.two_tower import build_model  # noqa: E402
 
@@ -190,7 +191,7 @@ def test_round_trip_is_bit_exact(loss, tok_path, tmp_path):
   out, ckpt = str(tmp_path / "hf"), str(tmp_path / "imported")
   hf.export_params(cfg.model, params, tok_path, out)
   cli.main(["import-hf", out, "--out", ckpt, "--tokenizer", tok_path])
-  back = hf_import.load_imported(ckpt)
+  back = load_imported(ckpt)
   assert jax.tree.structure(back) == jax.tree.structure(params)
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(back)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -300,9 +301,10 @@ def test_init_from_an_imported_model_starts_training_from_its_weights(trained, t
                                                                       tmp_path, scan):
   """trained run -> export -> import-hf (back to the run's tokenizer) -> a new run with
   model.init_from starts from exactly the trained weights (stacked when the new run scans)."""
-  from jaxret.train.loop import Experiment, train
-  from jaxret.train.state import load_initial_params
+  from jaxret.experiment import Experiment
   from jaxret.models.two_tower import scanned
+  from jaxret.train.loop import train
+  from jaxret.workdir import load_initial_params
   cfg, workdir = trained
   _, params, _, tok_path = hf.restore_on_cpu(workdir)
   out, ckpt = str(tmp_path / "hf"), str(tmp_path / "imported")

@@ -7,8 +7,9 @@ import pytest
 from jaxret.data.pipeline import train_iterator
 from jaxret.models.two_tower import scanned, unscanned
 from jaxret.parallel import partitioning
-from jaxret.train.loop import Experiment, train
-from jaxret.train.state import init_state
+from jaxret.experiment import Experiment
+from jaxret.train.loop import train
+from jaxret.experiment import init_state
 from jaxret.train.step import loss_and_grads
 from jaxret.train.writers import read_metrics
 

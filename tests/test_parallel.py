@@ -6,7 +6,8 @@ from jax.sharding import PartitionSpec as P
 
 from jaxret.parallel.mesh import make_mesh
 from jaxret.parallel.partitioning import fit_spec
-from jaxret.train.loop import Experiment, train
+from jaxret.experiment import Experiment
+from jaxret.train.loop import train
 from jaxret.train.writers import read_metrics
 
 STEPS = ("total_steps=4", "checkpoint.every=0", "optim.warmup_steps=1")

@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import pytest
 
 from conftest import ROOT
-from jaxret.parallel import partitioning, planner
-from jaxret.train.loop import Experiment
+from jaxret.parallel import partitioning
+from jaxret.train import planner
+from jaxret.experiment import Experiment
 from jaxret.train.step import make_train_step
 
 

@@ -13,7 +13,8 @@ import pytest
 from jaxret.errors import UserError
 from jaxret.eval import ranking
 from jaxret.train.loop import train
-from jaxret.train.optim import make_optimizer, make_schedule, regex_mask
+from jaxret.optim import make_optimizer, make_schedule
+from jaxret.param_rules import regex_mask
 from jaxret.train.writers import read_metrics
 
 
@@ -95,7 +96,7 @@ def test_batch_must_split_over_devices(tiny_config, tmp_path):
 
 def test_weight_decay_mask_follows_the_regex(tiny_config):
   """Decay on kernels and the token table only: never norms, biases, positions, t or b."""
-  from jaxret.train.loop import Experiment
+  from jaxret.experiment import Experiment
   exp = Experiment(tiny_config("sigmoid"))
   mask = regex_mask(exp.abstract_state.params, exp.cfg.optim.decay_regex)
   flat = {"/".join(str(k.key) for k in path): v

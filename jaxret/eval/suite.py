@@ -33,6 +33,16 @@ def check_tasks(tasks):
   return tuple(tasks)
 
 
+def build_evaluator(exp):
+  """The evaluator of an experiment (jaxret.experiment.Experiment): its config's eval split,
+  tasks and data, in its mesh and parameter shardings."""
+  c = exp.cfg
+  return Evaluator(exp.model, exp.loss, exp.mesh, exp.state_sh.params,
+                   data_dir=c.data.dir, split=c.data.eval_split, train_split=c.data.train_split,
+                   tokenizer=exp.tokenizer, manifest=exp.manifest, eval_cfg=c.eval,
+                   image_size=c.model.image.size)
+
+
 class Evaluator:
   """evaluator(params, step) -> result dict; builds its jitted functions once."""
 

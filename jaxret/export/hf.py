@@ -17,7 +17,8 @@ import numpy as np
 from jaxret.errors import UserError
 from jaxret.export import convert, processor, targets
 from jaxret.models.two_tower import unscanned
-from jaxret.train.optim import param_paths
+from jaxret.param_rules import param_paths
+from jaxret.workdir import check_out_dir, load_run_config, restore_params
 
 
 def flatten(params):
@@ -27,14 +28,6 @@ def flatten(params):
   names = jax.tree.leaves(param_paths(params))
   return {n: np.asarray(jax.device_get(v), np.float32)
           for n, v in zip(names, jax.tree.leaves(params))}
-
-
-def check_out_dir(out, overwrite):
-  if os.path.exists(out) and not os.path.isdir(out):
-    raise UserError(f"--out '{out}' is a file: pass a folder path")
-  if os.path.isdir(out) and os.listdir(out) and not overwrite:
-    raise UserError(f"--out '{out}' is not empty: pass --overwrite to replace it, or pick a "
-                    "new folder")
 
 
 def state_dict(target, model_cfg, flat, perm):
@@ -97,8 +90,7 @@ def export_params(model_cfg, params, tokenizer_path, out, *, overwrite=False):
 
 def restore_on_cpu(workdir, step=None):
   """-> (run config, params, step, tokenizer path), on one CPU device whatever the run's mesh."""
-  from jaxret.eval.run import load_run_config, restore_params
-  from jaxret.train.loop import Experiment
+  from jaxret.experiment import Experiment
   cfg = load_run_config(workdir)
   # Checks that need no arrays come first, so a bad request restores nothing.
   targets.check_exportable(cfg.model)

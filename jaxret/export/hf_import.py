@@ -9,7 +9,6 @@ tokenizer's ids by token string, which also undoes the id swap `jaxret export` m
 """
 import json
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +16,8 @@ import numpy as np
 
 from jaxret.errors import UserError
 from jaxret.export import convert, targets
-from jaxret.train.optim import param_paths
+from jaxret.param_rules import param_paths
+from jaxret.workdir import check_out_dir, save_imported
 
 TABLE = "text/token_embedding/embedding"
 
@@ -134,32 +134,8 @@ def import_hf(hf_dir, tokenizer_path=None):
   return updates, params, tok_file
 
 
-def save_imported(out, updates, params, tokenizer_file, *, overwrite=False):
-  import orbax.checkpoint as ocp
-  from jaxret.export.hf import check_out_dir
-  check_out_dir(out, overwrite)
-  if os.path.isdir(out):
-    shutil.rmtree(out)
-  os.makedirs(out)
-  with open(os.path.join(out, "model.json"), "w") as f:
-    json.dump(updates, f, indent=2)
-  if tokenizer_file:
-    shutil.copyfile(tokenizer_file, os.path.join(out, "tokenizer.json"))
-  ckpt = ocp.StandardCheckpointer()
-  ckpt.save(os.path.abspath(os.path.join(out, "params")), params)
-  ckpt.wait_until_finished()
-
-
-def load_imported(path, abstract_params=None):
-  """-> params written by `save_imported` (onto `abstract_params`' shardings when given)."""
-  import orbax.checkpoint as ocp
-  ckpt = ocp.StandardCheckpointer()
-  return ckpt.restore(os.path.abspath(os.path.join(path, "params")), abstract_params)
-
-
 def import_to(hf_dir, out, *, tokenizer_path=None, overwrite=False):
   """`jaxret import-hf`."""
-  from jaxret.export.hf import check_out_dir
   check_out_dir(out, overwrite)
   updates, params, tok_file = import_hf(hf_dir, tokenizer_path)
   save_imported(out, updates, params, tok_file, overwrite=overwrite)

@@ -6,6 +6,7 @@ from typing import Callable
 
 import jax.numpy as jnp
 
+from jaxret.config import LOSS_OPTIONS as OPTIONS
 from jaxret.errors import UserError, did_you_mean
 from jaxret.losses.common import DEFAULT_AXES
 from jaxret.losses.filip import drop_special, filip_loss
@@ -32,17 +33,6 @@ class Loss:
   options: dict = dataclasses.field(default_factory=lambda: dict(OPTIONS))
 
 
-# Every loss option with its default; the config's `loss` section has exactly these keys
-# (plus `name`). The filip_* keys only matter to FILIP.
-OPTIONS = dict(
-    impl="all_gather",           # "all_gather" (memory b x B) | "ring" (ppermute, memory b x b)
-    # Keep each example's top fraction of tokens before communication (the paper's 0.25).
-    # Chosen against the local batch, so below 1.0 the loss depends on the sharding.
-    filip_token_fraction=0.25,
-    filip_comm_dtype="float32",  # dtype texts are communicated in: float32 | bfloat16 | float16
-    filip_special_tokens=True,   # score the image cls / text end token too
-    filip_chunk=32,              # examples per side of one similarity tile (0: a whole block)
-)
 IMPLS = ("all_gather", "ring")
 COMM_DTYPES = ("float32", "bfloat16", "float16")
 

@@ -3,7 +3,6 @@
 Rerunning the same command on the same workdir resumes from the latest checkpoint, with the
 data iterator exactly where it was.
 """
-import json
 import os
 import time
 
@@ -11,54 +10,16 @@ import jax
 import numpy as np
 import tqdm
 
-from jaxret import losses
+from jaxret.checkpoint import Checkpointer
 from jaxret.data.pipeline import skipped_total, train_iterator
-from jaxret.data.sources import load_manifest, parse_mixture
-from jaxret.data.tokenizers import load_tokenizer
-from jaxret.errors import UserError
+from jaxret.data.sources import parse_mixture
 from jaxret.eval.report import format_table, write_result
-from jaxret.models.two_tower import build_model
+from jaxret.eval.suite import build_evaluator
+from jaxret.experiment import Experiment, init_state
 from jaxret.parallel import partitioning
-from jaxret.parallel.mesh import batch_parallelism, make_mesh
-from jaxret.train.checkpoint import Checkpointer
-from jaxret.train.optim import make_optimizer
-from jaxret.train.state import init_state, load_initial_params, state_shardings
 from jaxret.train.step import make_train_step
 from jaxret.train.writers import MetricWriter
-
-
-class Experiment:
-  """Everything a config builds before the first step (shared by train, eval and export)."""
-
-  def __init__(self, cfg, devices=None):
-    self.cfg = cfg
-    self.mesh = make_mesh(cfg.mesh, devices)
-    n, p = batch_parallelism(self.mesh), jax.process_count()
-    if cfg.batch_size % n or cfg.batch_size % p:
-      raise UserError(f"batch_size {cfg.batch_size} must be divisible by the {n} batch-parallel "
-                      f"devices and {p} processes; change --config.batch_size")
-    self.manifest = load_manifest(cfg.data.dir)
-    self.tokenizer = load_tokenizer(os.path.join(cfg.data.dir, self.manifest["tokenizer"]),
-                                    cfg.model.text.max_len)
-    want_vocab = cfg.model.text.vocab_size
-    if want_vocab and want_vocab != self.tokenizer.vocab_size:
-      raise UserError(f"model.text.vocab_size is {want_vocab} but the tokenizer of "
-                      f"'{cfg.data.dir}' has {self.tokenizer.vocab_size}; set it to 0 (from the "
-                      "tokenizer) or use the matching data")
-    self.model = build_model(cfg.model, vocab_size=self.tokenizer.vocab_size,
-                             pad_id=self.tokenizer.pad_id, eos_id=self.tokenizer.eos_id)
-    self.loss = losses.get_loss(cfg.loss.name, cfg.loss)
-    self.tx, self.schedule = make_optimizer(cfg.optim, cfg.total_steps)
-    self.abstract_state, self.state_sh = state_shardings(self.model, self.tx, self.mesh,
-                                                         cfg.model.image.size)
-
-  def evaluator(self):
-    from jaxret.eval.suite import Evaluator
-    c = self.cfg
-    return Evaluator(self.model, self.loss, self.mesh, self.state_sh.params,
-                     data_dir=c.data.dir, split=c.data.eval_split, train_split=c.data.train_split,
-                     tokenizer=self.tokenizer, manifest=self.manifest, eval_cfg=c.eval,
-                     image_size=c.model.image.size)
+from jaxret.workdir import check_workdir_config, load_initial_params, write_run_config
 
 
 def train_augment(data_cfg):
@@ -67,35 +28,6 @@ def train_augment(data_cfg):
   if not aug.enabled:
     return None
   return dict(crop_scale=tuple(aug.crop_scale), crop_ratio=tuple(aug.crop_ratio), flip=aug.flip)
-
-
-def check_workdir_config(workdir, cfg):
-  """A workdir belongs to one model and loss: say which key differs instead of failing later."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    saved = json.load(f)
-  new = json.loads(cfg.to_json())
-  for section in ("model", "loss"):
-    diff = _first_difference(saved.get(section, {}), new[section], section)
-    if diff:
-      key, old, now = diff
-      raise UserError(f"workdir '{workdir}' holds a run of a different model: {key} is {old!r} "
-                      f"there but {now!r} in this config; use a new --workdir, or the config "
-                      "that wrote it")
-
-
-def _first_difference(a, b, prefix):
-  for key in sorted(set(a) | set(b)):
-    x, y = a.get(key), b.get(key)
-    if isinstance(x, dict) and isinstance(y, dict):
-      d = _first_difference(x, y, f"{prefix}.{key}")
-      if d:
-        return d
-    elif x != y:
-      return f"{prefix}.{key}", x, y
-  return None
 
 
 def _global_batch(mesh, batch):
@@ -130,15 +62,14 @@ def train(cfg, workdir, *, stop_after_step=None, progress=True, devices=None):
   else:
     state = ckpt.restore(start, exp.abstract_state, data)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(cfg.to_json(indent=2))
+    write_run_config(workdir, cfg)
     if start:
       print(f"resuming {workdir} from step {start}", flush=True)
 
   writer = MetricWriter(workdir, resume_step=start)
   step_fn = make_train_step(exp.model, exp.loss, exp.tx, exp.schedule, exp.mesh, exp.state_sh,
                             cfg.optim.grad_accum_steps)
-  evaluate = exp.evaluator()
+  evaluate = build_evaluator(exp)
   bar = tqdm.tqdm(total=cfg.total_steps, initial=start, disable=not progress or
                   jax.process_index() != 0, desc=f"train {cfg.loss.name}", unit="step",
                   dynamic_ncols=True)

@@ -18,11 +18,13 @@ from jax.sharding import AbstractMesh, AxisType
 
 from jaxret import losses
 from jaxret.errors import UserError
+from jaxret.experiment import check_components, state_shardings
 from jaxret.models.two_tower import build_model
+from jaxret.optim import make_optimizer
+from jaxret.param_rules import param_paths
 from jaxret.parallel import partitioning
-from jaxret.parallel.mesh import AXES, BATCH_AXES
-from jaxret.train.optim import make_optimizer, param_paths
-from jaxret.train.state import state_shardings
+from jaxret.parallel.mesh import AXES, BATCH_AXES, make_mesh
+from jaxret.train.step import make_train_step
 
 GiB = 1024 ** 3
 
@@ -46,6 +48,7 @@ def _bytes_per_device(abstract):
 
 def plan(cfg, mesh_sizes, *, compile_activations=True):
   """-> dict of the plan; `mesh_sizes` like {'data': 256, 'fsdp': 1, 'tensor': 1}."""
+  check_components(cfg)
   if not cfg.model.text.vocab_size:
     raise UserError("inspect needs model.text.vocab_size (the config takes it from the data's "
                     "tokenizer): pass --config.model.text.vocab_size=N")
@@ -88,8 +91,6 @@ def _one_device_program(cfg, model, tx, local_batch):
   Tensor parallelism splits activations too, so the temporaries are divided by the tensor
   axis size in the report (an estimate; data and FSDP axes do not change them).
   """
-  from jaxret.parallel.mesh import make_mesh
-  from jaxret.train.step import make_train_step
   mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
   loss = losses.get_loss(cfg.loss.name, cfg.loss)
   abstract, sh = state_shardings(model, tx, mesh, cfg.model.image.size)

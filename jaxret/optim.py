@@ -1,22 +1,8 @@
 """The optimizer: AdamW with linear warmup + cosine decay, global-norm clipping, and weight
 decay only on parameters whose '/'-joined path matches `optim.decay_regex`."""
-import re
-
-import jax
 import optax
 
-
-def param_paths(tree):
-  """The same tree with each leaf replaced by its '/'-joined path ('image/encoder/.../kernel')."""
-  def name(path, _):
-    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-  return jax.tree_util.tree_map_with_path(name, tree)
-
-
-def regex_mask(tree, pattern):
-  """True where a leaf's path matches `pattern` (the one regex-over-params mechanism)."""
-  rx = re.compile(pattern)
-  return jax.tree.map(lambda p: bool(rx.fullmatch(p)), param_paths(tree))
+from jaxret.param_rules import regex_mask
 
 
 def make_schedule(optim_cfg, total_steps):

@@ -10,7 +10,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from jaxret.errors import UserError
-from jaxret.train.optim import param_paths
+from jaxret.param_rules import param_paths
 
 
 class Checkpointer:
