@@ -12,6 +12,7 @@ import pytest
 
 from jaxret import config, losses
 from jaxret.errors import UserError
+from jaxret.experiment import check_components
 from jaxret.losses import common, filip, registry
 
 import test_losses as base  # shared data makers, meshes and tolerances
@@ -228,7 +229,7 @@ def test_default_options_and_schema_agree():
 def test_bad_options_are_one_line_user_errors(key, value, message):
   cfg = config.merge({"loss": {"name": "filip", key: value}})
   with pytest.raises(UserError) as err:
-    config.validate(cfg)
+    check_components(cfg)
   assert str(err.value).startswith(message) and "\n" not in str(err.value)
   with pytest.raises(UserError, match="unknown loss option 'loss.impls' \\(did you mean 'impl'\\?\\)"):
     registry.check_options({"impls": "ring"})
