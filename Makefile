@@ -5,18 +5,20 @@ BIN := $(VENV)/bin
 DEMO_DATA ?= demo_data
 DEMO_RUNS ?= runs
 LOSSES ?= softmax sigmoid filip
+# Held-out test captions `make demo` searches for at the end (runs/search-N.png).
+DEMO_QUERIES := "a white coat above a green shirt" "a yellow ankle boot to the left of a magenta sandal" "a white sandal above and to the left of a white sneaker"
 FMNIST := /usr/share/datasets/fashion-mnist
 
 .PHONY: demo test demo-data fashion-mnist clean
 
-$(VENV)/.demo: pyproject.toml
+$(VENV)/.demo: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[demo]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[demo]'
 	touch $@
 
-$(VENV)/.test: pyproject.toml
+$(VENV)/.test: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
 	touch $@
 
 # Real images for the demo: Debian's dataset-fashion-mnist (MIT). Without root or apt, the
@@ -40,6 +42,13 @@ demo: demo-data
 	    --config.data.dir=$(DEMO_DATA) || exit 1; \
 	done
 	@$(BIN)/python -m jaxret.eval.compare $(addprefix $(DEMO_RUNS)/demo-,$(LOSSES))
+	@rm -rf $(DEMO_RUNS)/demo-softmax-test-store
+	@$(BIN)/jaxret embed --model $(DEMO_RUNS)/demo-softmax --data $(DEMO_DATA) --split test \
+	  --out $(DEMO_RUNS)/demo-softmax-test-store --no-progress
+	@n=0; for q in $(DEMO_QUERIES); do n=$$((n+1)); \
+	  $(BIN)/jaxret search --index $(DEMO_RUNS)/demo-softmax-test-store --k 8 "$$q" \
+	    --show $(DEMO_RUNS)/search-$$n.png || exit 1; \
+	done
 
 test: $(VENV)/.test fashion-mnist
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
