@@ -5,7 +5,10 @@ picks the variant:
       --config.data.dir=gs://BUCKET/records
   jaxret train --config configs/clip.py:b16 --workdir gs://BUCKET/clip_b16 ...
   jaxret train --config configs/clip.py:l14 --workdir gs://BUCKET/clip_l14 ...
-  # on a TPU slice: launch/tpu_pod.sh NAME ZONE v4-256 -- train --config configs/clip.py:l14 ...
+  # on a TPU slice, with launch/tpu_pod.sh:
+  REPO=https://example.com/you/jaxret.git launch/tpu_pod.sh my-slice us-central2-b v4-256 -- \
+      train --config configs/clip.py:l14 --workdir gs://BUCKET/clip_l14 \
+      --config.data.dir=gs://BUCKET/records
 
 Image towers from the paper's Table 20 (ViT-B/32, B/16, L/14 at 224px); text: 12 layers,
 77 tokens, 512 wide with 8 heads (B) or 768 wide with 12 heads (L); embeddings 512 (B) or
