@@ -3,7 +3,10 @@
 Layout: WORKDIR/checkpoints/<step>/{state,data}. Saves are asynchronous (the train step
 goes on while the arrays are written) and keep the last `checkpoint.keep`.
 """
+import contextlib
+import errno
 import os
+import time
 
 import grain
 import jax
@@ -38,10 +41,33 @@ class Checkpointer:
       return False
     # The grain handler writes the iterator state synchronously, before the next batch is
     # drawn; only the arrays are written in the background.
-    return self.manager.save(
-        step, force=force,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                data=grain.checkpoint.CheckpointSave(data_iterator)))
+    with self._storage_errors(step):
+      return self.manager.save(
+          step, force=force,
+          args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                  data=grain.checkpoint.CheckpointSave(data_iterator)))
+
+  def due(self, step):
+    """Whether `save(step)` would save on the interval."""
+    return self.every > 0 and step % self.every == 0
+
+  @contextlib.contextmanager
+  def _storage_errors(self, step):
+    """A full disk or an unwritable workdir is one line; the tmp folder of the failed save is
+    never listed as a checkpoint, so the earlier ones stay the latest."""
+    try:
+      yield
+    except UserError:
+      raise
+    except Exception as e:  # orbax/tensorstore wrap the OS error in their own types
+      why = _storage_problem(e)
+      if why is None:
+        raise
+      before = [s for s in self.all_steps() if s != step]
+      latest = f"the latest intact one is step {max(before)}" if before else "none was saved yet"
+      raise UserError(f"could not write checkpoint step {step} to {self.directory}: {why}; "
+                      f"earlier checkpoints are intact ({latest}); free space or fix the "
+                      "permissions and rerun the same command to resume") from None
 
   def check_compatible(self, step, abstract_state):
     """Fail with a clear line if the checkpoint's parameters differ from the model's."""
@@ -80,12 +106,54 @@ class Checkpointer:
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
     return restored["state"]
 
+  def restore_latest(self, abstract_state, data_iterator):
+    """-> (step, state) from the newest readable checkpoint, or (None, None) if there is none.
+
+    A checkpoint that fails to read (a torn or corrupted write) is moved aside as
+    `<step>.corrupt-<time>` (orbax lists only integer names) and the one before it is tried,
+    saying so: the run loses the steps since then, not the whole run.
+    """
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        return step, self.restore(step, abstract_state, data_iterator)
+      except UserError:
+        raise
+      except Exception as e:  # noqa: BLE001 - any failure to read means this step is unusable
+        aside = os.path.join(self.directory, f"{step}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+        if jax.process_index() == 0:
+          os.replace(os.path.join(self.directory, str(step)), aside)
+        print(f"checkpoint step {step} in {self.directory} is unreadable "
+              f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); moved it "
+              f"to {aside} and falling back to the one before", flush=True)
+        self.manager.reload()
+    return None, None
+
   def wait(self):
-    self.manager.wait_until_finished()
+    with self._storage_errors(self.latest_step()):
+      self.manager.wait_until_finished()
 
   def close(self):
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
+
+
+def _storage_problem(e):
+  """'no space left on device' etc. when `e` (or what it wraps) is such an OS error."""
+  texts = {errno.ENOSPC: "no space left on device", errno.EROFS: "read-only file system",
+           errno.EACCES: "permission denied", errno.EDQUOT: "disk quota exceeded"}
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in texts:
+      return texts[e.errno]
+    msg = str(e)
+    for code, text in texts.items():
+      if os.strerror(code) in msg or f"os_error_code='{code}'" in msg:
+        return text
+    e = e.__cause__ or e.__context__
+  return None
 
 
 def _shapes(tree):

@@ -1,4 +1,4 @@
-"""`jaxret train|eval|export|import-hf|data`: parses arguments, then calls library code.
+"""`jaxret train|eval|export|import-hf|embed|search|data`: parses arguments, then calls library code.
 
 A user mistake (bad config key, path, mesh, ...) prints one line `jaxret: error: ...` and
 exits with status 2; nothing already saved is touched.
@@ -7,7 +7,7 @@ import argparse
 import os
 import sys
 
-from jaxret.errors import UserError
+from jaxret.errors import PREEMPTED_STATUS, Preempted, UserError
 
 
 def _parser():
@@ -28,6 +28,10 @@ def _parser():
   multi.add_argument("--process-id", type=int)
   multi.add_argument("--distributed", action="store_true",
                      help="let jax.distributed detect the cluster (TPU slice, SLURM, ...)")
+  multi.add_argument("--local-device-ids", metavar="all|I,J,...",
+                     help="the GPUs this process owns: 'all' (every GPU CUDA_VISIBLE_DEVICES, "
+                          "else SLURM_GPUS_ON_NODE, gives it: one process per node) or indices; "
+                          "default: JAX's choice (one GPU per SLURM task)")
 
   e = sub.add_parser("eval", help="evaluate a workdir's checkpoint with its saved config")
   e.add_argument("--workdir", required=True)
@@ -64,6 +68,34 @@ def _parser():
   i.add_argument("--mesh", default="", help="e.g. data=64,fsdp=4,tensor=1 (default: 1 device)")
   i.add_argument("--no-compile", action="store_true",
                  help="skip compiling one device's step (no activation or FLOP figures)")
+
+  em = sub.add_parser("embed", help="embed images, captions or a data split into a store "
+                      "(float16 shards; rerun to resume)")
+  em.add_argument("--model", required=True, help="a workdir, `jaxret export` folder or "
+                  "`jaxret import-hf` folder")
+  em.add_argument("--step", type=int, default=None, help="a workdir's checkpoint (default: latest)")
+  em.add_argument("--out", required=True, help="the store folder")
+  em.add_argument("--images", help="an image folder (searched recursively)")
+  em.add_argument("--captions", help="a text file, one caption a line")
+  em.add_argument("--data", help="a data dir (`jaxret data demo|convert`): its --split's images")
+  em.add_argument("--split", default="test")
+  em.add_argument("--tokens", action="store_true",
+                  help="also keep FILIP token embeddings (for search --rerank)")
+  em.add_argument("--shard-size", type=int, default=10000, help="embeddings per shard file")
+  em.add_argument("--batch-size", type=int, default=64)
+  em.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+  se = sub.add_parser("search", help="the exact top-k of a store for a text or image query")
+  se.add_argument("query", nargs="?", help="the text to search for")
+  se.add_argument("--index", required=True, help="a store written by `jaxret embed`")
+  se.add_argument("--image", help="query with this image instead of a text")
+  se.add_argument("--k", type=int, default=10)
+  se.add_argument("--model", help="default: the model that built the store")
+  se.add_argument("--rerank", action="store_true",
+                  help="rescore the top --candidates by FILIP late interaction (needs a store "
+                       "embedded with --tokens)")
+  se.add_argument("--candidates", type=int, default=100, help="for --rerank")
+  se.add_argument("--show", help="write the query and its top-k images to this PNG")
 
   d = sub.add_parser("data", help="data tools")
   dsub = d.add_subparsers(dest="data_command", required=True)
@@ -126,7 +158,7 @@ def run(argv):
   if args.command == "train":
     from jaxret.parallel.mesh import initialize_distributed
     initialize_distributed(args.coordinator, args.num_processes, args.process_id,
-                           auto=args.distributed)
+                           auto=args.distributed, local_device_ids=args.local_device_ids)
     from jaxret.experiment import load_config
     from jaxret.train.loop import train
     cfg = load_config(args.config, overrides)
@@ -151,6 +183,16 @@ def run(argv):
   elif args.command == "import-hf":
     from jaxret.export.hf_import import import_to
     import_to(args.dir, args.out, tokenizer_path=args.tokenizer, overwrite=args.overwrite)
+  elif args.command == "embed":
+    from jaxret.inference.embed import embed_to_store
+    embed_to_store(args.model, args.out, images=args.images, captions=args.captions,
+                   data=args.data, split=args.split, tokens=args.tokens,
+                   shard_size=args.shard_size, step=args.step, batch_size=args.batch_size,
+                   progress=not args.no_progress)
+  elif args.command == "search":
+    from jaxret.inference.search import search_store
+    search_store(args.index, args.query, image=args.image, k=args.k, model_path=args.model,
+                 rerank_=args.rerank, candidates=args.candidates, show=args.show)
   elif args.command == "data" and args.data_command == "demo":
     from jaxret.data.demo import build_demo
     build_demo(args.out, num_train=args.num_train, num_test=args.num_test, seed=args.seed,
@@ -180,6 +222,9 @@ def main(argv=None):
   except FloatingPointError as e:
     print(f"jaxret: error: {e}", file=sys.stderr)
     sys.exit(1)
+  except Preempted as e:
+    print(f"jaxret: {e}", file=sys.stderr)
+    sys.exit(PREEMPTED_STATUS)
   except KeyboardInterrupt:
     print("jaxret: interrupted; rerun the same command to resume from the last checkpoint",
           file=sys.stderr)

@@ -10,6 +10,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 
 import ml_collections
 
@@ -25,6 +26,40 @@ LOSS_OPTIONS = dict(
     filip_comm_dtype="float32",  # dtype texts are communicated in: float32 | bfloat16 | float16
     filip_special_tokens=True,   # score the image cls / text end token too
     filip_chunk=32,              # examples per side of one similarity tile (0: a whole block)
+)
+
+# Logical axis name -> mesh axis (a name, a tuple of names, or None: replicated), the default
+# of `mesh.rules` (jaxret/parallel/partitioning.py applies them). Tried in order; a mesh axis
+# is used at most once per array, and a name no rule maps is replicated. Parameters and
+# activations have names of their own, so moving one never moves the other.
+MESH_RULES = (
+    # parameters (and their optimizer moments)
+    ("embed", "fsdp"),            # FSDP: the model width of every weight
+    ("mlp", "tensor"),            # tensor parallel: MLP hidden units,
+    ("heads", "tensor"),          # attention heads,
+    ("vocab", "tensor"),          # and the token table's rows
+    ("kv", None),
+    ("length", None),             # position embeddings
+    ("joint", None),              # the shared embedding space of the projections
+    ("layers", None),             # the stacked axis of scanned encoder blocks
+    # activations: the batch over data x fsdp, hidden units and heads over tensor
+    ("act_batch", ("data", "fsdp")),
+    ("act_length", None),
+    ("act_embed", None),
+    ("act_mlp", "tensor"),
+    ("act_heads", "tensor"),
+    ("act_kv", None),
+)
+
+
+# The settings an `optim.rules` entry may give a parameter, with the value a parameter has when
+# no rule names it (wd_mult's default comes from optim.decay_regex instead). jaxret/optim.py
+# applies frozen, lr_mult and wd_mult; jaxret/workdir.py applies load (model.init_from).
+PARAM_SETTINGS = dict(
+    frozen=False,   # no update and no optimizer state; its gradient is not computed or clipped
+    lr_mult=1.0,    # scales the parameter's whole update (weight-decay term included)
+    wd_mult=1.0,    # scales the decoupled weight decay (optim.weight_decay)
+    load=True,      # model.init_from loads it (false: it keeps its fresh initialisation)
 )
 
 
@@ -71,14 +106,29 @@ def defaults() -> ml_collections.ConfigDict:
       # GradCache: split each batch into this many micro-batches, exact contrastive gradients.
       grad_accum_steps=1,
       lr=1e-3, end_lr=0.0, warmup_steps=100, weight_decay=0.1, b1=0.9, b2=0.98, eps=1e-6,
+      # Global-norm clipping; frozen parameters' gradients do not count (see jaxret/optim.py).
       grad_clip_norm=1.0,
-      # Regex over '/'-joined parameter paths; only matching leaves get weight decay
-      # (dense, conv and attention kernels and the token table: not norms, biases, position
-      # embeddings or the temperature).
+      # Divergence (jaxret/train/health.py): 0 stops at the first non-finite loss or gradient,
+      # before it can be saved; N skips such updates (optax.apply_if_finite), counts them
+      # (optim/skipped_total) and stops after N in a row.
+      skip_nonfinite=0,
+      # The default weight-decay multiplier (wd_mult) of a parameter no rule sets it for: 1 where
+      # this regex over '/'-joined paths matches (dense, conv and attention kernels and the token
+      # table), 0 elsewhere (norms, biases, position embeddings, the temperature). It stays a key
+      # of its own, read by the rules below, rather than being translated into a rule: every
+      # run's config.json (tests/fixtures/run_v0 included) holds it, so old workdirs load as they
+      # are, and a rule that sets only `frozen` or `lr_mult` leaves decay as it was.
       decay_regex=r".*kernel|.*/token_embedding/embedding",
+      # Per-parameter settings: ((regex, {setting: value}), ...) over '/'-joined parameter paths
+      # ('image/encoder/block00/attn/query_kernel', 'text/pos_embedding', 't'). The first rule
+      # whose regex fully matches a path gives that parameter its settings (big_vision's first
+      # match wins); settings it does not name keep their defaults (PARAM_SETTINGS, wd_mult from
+      # decay_regex). LiT: (('image/.*', {'frozen': True}),).
+      rules=(),
   )
 
-  c.mesh = dict(data=-1, fsdp=1, tensor=1)   # -1: all remaining devices
+  # Axis sizes (-1: all remaining devices) and the logical-axis rules (see MESH_RULES).
+  c.mesh = dict(data=-1, fsdp=1, tensor=1, rules=MESH_RULES)
 
   c.checkpoint = dict(every=100, keep=3, async_save=True)
   # Evaluations (jaxret/eval/suite.py): run by `jaxret eval`, every eval_every steps and at
@@ -102,6 +152,44 @@ def defaults() -> ml_collections.ConfigDict:
   )
   c.lock()
   return c
+
+
+# May a key change when a run resumes from its workdir? A key takes the tag of its longest
+# dotted prefix listed here; tests/test_config.py checks that every key of defaults() has one
+# and that no entry names a key that does not exist, so keys added later declare theirs.
+#   FIXED: the value shapes what the run computes (model, loss, optimizer and its schedule
+#          shape, batch, seed, data and its order): a resume with another value is refused.
+#   FREE: evaluation, logging and checkpoint cadence; total_steps, to extend a run (the
+#         cosine schedule then stretches to the new end from the resume step on).
+#   SAME_PROCESSES: the mesh, which may change only at the same process count, since each
+#         process reads its own rows of every batch (orbax reshards the arrays).
+FIXED, FREE, SAME_PROCESSES = "fixed", "free", "same process count"
+RESUME_TAGS = {
+    "seed": FIXED, "batch_size": FIXED, "total_steps": FREE, "log_every": FREE,
+    "eval_every": FREE,
+    "data": FIXED,
+    "data.eval_split": FREE,
+    # grain's iterator state is per worker layout: 0 -> 2 workers fails to restore (measured
+    # with grain 0.2.18; see tests/test_config.py), so the count is part of the data order.
+    "data.workers": FIXED,
+    "model": FIXED,
+    "model.init_from": FREE,  # read only by the first step of a run
+    "loss": FIXED,
+    "optim": FIXED,
+    "mesh": SAME_PROCESSES,
+    "checkpoint": FREE,
+    "eval": FREE,
+}
+
+
+def resume_tag(key):
+  """FIXED, FREE or SAME_PROCESSES for a dotted key ('optim.lr')."""
+  parts = key.split(".")
+  for n in range(len(parts), 0, -1):
+    tag = RESUME_TAGS.get(".".join(parts[:n]))
+    if tag is not None:
+      return tag
+  raise KeyError(f"config key '{key}' has no resume tag: add it to config.RESUME_TAGS")
 
 
 def load(spec: str, overrides=()) -> ml_collections.ConfigDict:
@@ -259,3 +347,83 @@ def validate(cfg):
                     f"divide batch_size ({cfg.batch_size})")
   if not math.isfinite(cfg.optim.lr) or cfg.optim.lr <= 0:
     raise UserError(f"optim.lr must be positive, got {cfg.optim.lr}")
+  if cfg.optim.skip_nonfinite < 0:
+    raise UserError(f"optim.skip_nonfinite must be 0 (stop at the first non-finite step) or N > 0 "
+                    f"(skip such steps, stop after N in a row), got {cfg.optim.skip_nonfinite}")
+  # Stored back in one form: JSON (config.json) turns the pairs into lists.
+  cfg.optim.rules = check_param_rules(cfg.optim.rules, cfg.optim.decay_regex)
+  cfg.mesh.rules = normalise_rules(cfg.mesh.rules, [k for k in cfg.mesh if k != "rules"])
+
+
+def check_param_rules(rules, decay_regex=".*"):
+  """-> `optim.rules` as ((regex, {setting: value}), ...), multipliers as floats; a bad regex,
+  an unknown setting or a bad value is a one-line UserError naming the rule."""
+  try:
+    re.compile(decay_regex)
+  except (re.error, TypeError) as e:
+    raise UserError(f"optim.decay_regex {decay_regex!r} is not a valid regex: {e}") from e
+  example = "e.g. (('image/.*', {'frozen': True}),)"
+  if not isinstance(rules, (tuple, list)):
+    raise UserError(f"optim.rules must be a tuple of (regex, {{setting: value}}) pairs, {example};"
+                    f" got {rules!r}")
+  out = []
+  for i, rule in enumerate(rules):
+    if (not isinstance(rule, (tuple, list)) or len(rule) != 2 or not isinstance(rule[0], str)
+        or not isinstance(rule[1], (dict, ml_collections.ConfigDict))):
+      raise UserError(f"optim.rules[{i}] is {rule!r}: each rule is a (regex, {{setting: value}}) "
+                      f"pair, {example}")
+    regex, settings = rule[0], dict(rule[1])
+    where = f"optim.rules[{i}] ({regex!r})"
+    try:
+      re.compile(regex)
+    except re.error as e:
+      raise UserError(f"{where}: not a valid regex ({e})") from e
+    for name, value in settings.items():
+      if name not in PARAM_SETTINGS:
+        raise UserError(f"{where}: unknown setting '{name}'{did_you_mean(name, PARAM_SETTINGS)}; "
+                        f"valid: {', '.join(PARAM_SETTINGS)}")
+      if isinstance(PARAM_SETTINGS[name], bool):
+        if not isinstance(value, bool):
+          raise UserError(f"{where}: {name} must be True or False, got {value!r}")
+      elif (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not math.isfinite(value) or value < 0):
+        raise UserError(f"{where}: {name} must be a finite number >= 0, got {value!r}")
+      else:
+        settings[name] = float(value)
+    out.append((regex, settings))
+  return tuple(out)
+
+
+def normalise_rules(rules, mesh_axes):
+  """`mesh.rules` as a tuple of (logical name, mesh axis | tuple of mesh axes | None) pairs.
+
+  JSON (config.json) and `--config.mesh.rules=[...]` may give lists; they become tuples, so a
+  saved config compares equal to the one that wrote it. Whether the models use each logical
+  name is checked with the models (jaxret.experiment.check_components).
+  """
+  def bad(what):
+    return UserError(f"mesh.rules: {what}; expected ((logical name, mesh axis | (axes, ...) | "
+                     f"None), ...), e.g. (('embed', 'fsdp'), ('act_batch', ('data', 'fsdp')))")
+
+  if isinstance(rules, str) or not isinstance(rules, (tuple, list)):
+    raise bad(f"got {rules!r}")
+  out = []
+  for pair in rules:
+    if isinstance(pair, str) or not isinstance(pair, (tuple, list)) or len(pair) != 2:
+      raise bad(f"{pair!r} is not a (logical name, mesh axes) pair")
+    name, axes = pair
+    if not isinstance(name, str) or not name:
+      raise bad(f"the logical name of {tuple(pair)!r} is not a name")
+    names = (axes,) if isinstance(axes, str) else axes
+    if names is None:
+      names = ()
+    if not isinstance(names, (tuple, list)) or not all(isinstance(a, str) for a in names):
+      raise bad(f"the mesh axes of {tuple(pair)!r} are not a name, a tuple of names or None")
+    for a in names:
+      if a not in mesh_axes:
+        raise UserError(f"mesh.rules: ({name!r}, {axes!r}) names mesh axis '{a}'"
+                        f"{did_you_mean(a, mesh_axes)}; mesh axes are {', '.join(mesh_axes)}")
+    if len(set(names)) != len(names):
+      raise bad(f"{tuple(pair)!r} names a mesh axis twice")
+    out.append((name, axes if isinstance(axes, str) or axes is None else tuple(axes)))
+  return tuple(out)

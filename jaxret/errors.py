@@ -20,3 +20,16 @@ def did_you_mean(name, candidates):
   """' (did you mean 'x'?)' when a close candidate exists, else ''."""
   best = nearest(name, candidates)
   return f" (did you mean '{best}'?)" if best else ""
+
+
+class Preempted(Exception):
+  """Training stopped on a signal after saving the current step; rerunning resumes it.
+  The CLI exits with PREEMPTED_STATUS, which launch scripts read as "requeue me"."""
+
+  def __init__(self, signal_name, step):
+    super().__init__(f"stopped by {signal_name} at step {step}: a checkpoint of step {step} is "
+                     "saved; rerun the same command to resume from it")
+    self.signal_name, self.step = signal_name, step
+
+
+PREEMPTED_STATUS = 143  # 128 + SIGTERM, what a shell reports for a job ended by SIGTERM

@@ -14,11 +14,11 @@ from jaxret.data.sources import load_manifest, parse_mixture
 from jaxret.data.tokenizers import load_tokenizer
 from jaxret.errors import UserError, did_you_mean
 from jaxret.models import text as text_mod, vit
-from jaxret.models.layers import ACTIVATIONS, REMAT_POLICIES
+from jaxret.models.layers import ACTIVATIONS, LOGICAL_AXES, REMAT_POLICIES
 from jaxret.models.two_tower import build_model
 from jaxret.optim import OPTIMIZERS, make_optimizer
 from jaxret.parallel import partitioning
-from jaxret.parallel.mesh import batch_parallelism, make_mesh
+from jaxret.parallel.mesh import BATCH_AXES, batch_parallelism, make_mesh
 
 
 def load_config(spec, overrides=()):
@@ -53,6 +53,16 @@ def check_components(cfg):
   if cfg.optim.name not in OPTIMIZERS:
     raise UserError(f"unknown optim.name '{cfg.optim.name}'"
                     f"{did_you_mean(cfg.optim.name, OPTIMIZERS)}; valid: {', '.join(OPTIMIZERS)}")
+  # Shapes and mesh axes of the rules are checked by config.validate; the names here.
+  partitioning.check_logical_names(cfg.mesh.rules, LOGICAL_AXES)
+  # The input batch and the loss kernels split the batch over BATCH_AXES themselves; a rule
+  # that put activations' batch elsewhere would disagree with them.
+  batch = next((axes for name, axes in cfg.mesh.rules if name == "act_batch"), None)
+  batch = (batch,) if isinstance(batch, str) else tuple(batch or ())
+  if batch != BATCH_AXES:
+    raise UserError(f"mesh.rules maps 'act_batch' to {batch or None}, but the input pipeline and "
+                    f"the loss kernels split the batch over {BATCH_AXES}; keep ('act_batch', "
+                    f"{BATCH_AXES})")
 
 
 class Experiment:
@@ -78,8 +88,11 @@ class Experiment:
                              pad_id=self.tokenizer.pad_id, eos_id=self.tokenizer.eos_id)
     self.loss = losses.get_loss(cfg.loss.name, cfg.loss)
     self.tx, self.schedule = make_optimizer(cfg.optim, cfg.total_steps)
+    # Tracing the model (train step, init, embedding) needs these with the mesh:
+    # partitioning.activate(exp.mesh, exp.rules).
+    self.rules = cfg.mesh.rules
     self.abstract_state, self.state_sh = state_shardings(self.model, self.tx, self.mesh,
-                                                         cfg.model.image.size)
+                                                         cfg.model.image.size, self.rules)
 
 
 @flax.struct.dataclass
@@ -94,17 +107,30 @@ def dummy_inputs(model, image_size, batch):
           jnp.zeros((batch, model.text.max_len), jnp.int32))
 
 
-def state_shardings(model, tx, mesh, image_size):
-  """-> (abstract TrainState of ShapeDtypeStructs carrying shardings, sharding tree), no allocation."""
+def abstract_boxed_params(model, mesh, image_size):
+  """The parameters as eval_shape sees them, each with its logical axis names (no allocation)."""
   n = batch_parallelism(mesh)
-  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), *dummy_inputs(model, image_size, n)))
-  param_sh = partitioning.logical_shardings(boxed, mesh)["params"]
-  abstract_params = nn.unbox(boxed)["params"]
+  return jax.eval_shape(
+      lambda: model.init(jax.random.key(0), *dummy_inputs(model, image_size, n)))["params"]
+
+
+def state_shardings(model, tx, mesh, image_size, rules=partitioning.DEFAULT_RULES):
+  """-> (abstract TrainState of ShapeDtypeStructs carrying shardings, sharding tree), no allocation.
+
+  Logs one warning per parameter dimension that the rules ask to split but the mesh axes do
+  not divide (it is replicated instead); this runs once per run, not per step.
+  """
+  boxed = abstract_boxed_params(model, mesh, image_size)
+  param_sh = partitioning.logical_shardings(boxed, mesh, rules)
+  partitioning.warn_undivided(partitioning.undivided(boxed, mesh, rules))
+  abstract_params = nn.unbox(boxed)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   # Optimizer moments shard like their parameters; counters and the like are replicated.
+  # Frozen parameters (optim.rules) hold no moments: optax leaves a MaskedNode in their place.
   opt_sh = optax.tree_map_params(
-      tx, lambda _, s: s, abstract_opt, param_sh,
-      transform_non_params=lambda _: partitioning.replicated(mesh))
+      tx, lambda v, s: v if isinstance(v, optax.MaskedNode) else s, abstract_opt, param_sh,
+      transform_non_params=lambda _: partitioning.replicated(mesh),
+      is_leaf=lambda v: isinstance(v, optax.MaskedNode))
   shardings = TrainState(step=partitioning.replicated(mesh), params=param_sh, opt_state=opt_sh)
   abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
                         opt_state=abstract_opt)
@@ -113,7 +139,7 @@ def state_shardings(model, tx, mesh, image_size):
   return abstract, shardings
 
 
-def init_state(model, tx, mesh, image_size, seed, shardings):
+def init_state(model, tx, mesh, image_size, seed, shardings, rules=partitioning.DEFAULT_RULES):
   """Initialise parameters and optimizer state directly in their target shardings."""
   n = batch_parallelism(mesh)
 
@@ -121,5 +147,5 @@ def init_state(model, tx, mesh, image_size, seed, shardings):
     params = nn.unbox(model.init(rng, *dummy_inputs(model, image_size, n)))["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
-  with partitioning.activate(mesh):
+  with partitioning.activate(mesh, rules):
     return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))

@@ -18,7 +18,7 @@ TINY = [
     "model.image.depth=1", "model.image.num_heads=2", "model.image.mlp_dim=64",
     "model.text.width=32", "model.text.depth=1", "model.text.num_heads=2",
     "model.text.mlp_dim=64", "batch_size=16", "total_steps=6", "log_every=1",
-    "optim.warmup_steps=2", "checkpoint.every=2", "checkpoint.async_save=false",
+    "optim.warmup_steps=2", "checkpoint.every=2",
     "eval.batch_size=32",
 ]
 

@@ -77,7 +77,7 @@ def test_workdir_of_a_different_model(demo_dir, tiny_config, tmp_path):
   (tmp_path / "config.json").write_text(tiny_config("softmax", "model.embed_dim=48").to_json())
   before = sorted(os.listdir(tmp_path))
   proc = run(*train_args(demo_dir, tmp_path))
-  assert_one_line_error(proc, "different model", "model.embed_dim is 48 there but 32")
+  assert_one_line_error(proc, "holds a run with model.embed_dim=48, and changing it to 32")
   assert sorted(os.listdir(tmp_path)) == before
   assert json.loads((tmp_path / "config.json").read_text())["model"]["embed_dim"] == 48
 

@@ -111,3 +111,58 @@ def test_siglip_b16_config_builds_abstract_shapes_without_allocating():
   assert count == vision + text + 2                                  # + t and b
   assert 202e6 < count < 204e6  # the published SigLIP B/16 has ~203M parameters
   assert shapes["params"]["b"].value.shape == ()
+
+
+# ------------------------------------------------------------------ what may change on resume
+
+def test_every_key_has_a_resume_tag_and_every_tag_a_key():
+  keys = config.dotted_keys(config.defaults())
+  tags = {k: config.resume_tag(k) for k in keys}  # raises for a key without one
+  assert set(tags.values()) <= {config.FIXED, config.FREE, config.SAME_PROCESSES}
+  for entry in config.RESUME_TAGS:
+    assert any(k == entry or k.startswith(entry + ".") for k in keys), entry
+  # The run-defining keys the resume check must catch, and those it must let through.
+  for k in ("seed", "batch_size", "data.dir", "data.mixture", "data.workers", "optim.lr",
+            "optim.rules", "model.image.width", "loss.name"):
+    assert tags[k] == config.FIXED, k
+  for k in ("total_steps", "eval.tasks", "log_every", "checkpoint.every", "data.eval_split"):
+    assert tags[k] == config.FREE, k
+  assert tags["mesh.fsdp"] == tags["mesh.rules"] == config.SAME_PROCESSES
+
+
+def test_data_workers_change_breaks_the_iterator_state(demo_dir):
+  """Why data.workers is FIXED: grain's saved state from 0 workers does not restore into 2."""
+  import json
+  from jaxret.data import pipeline
+
+  def make(workers):
+    return pipeline.train_iterator(demo_dir, batch_size=16, text_len=16, seed=0,
+                                   process_index=0, process_count=1, workers=workers,
+                                   image_size=32)
+  it = make(0)
+  next(it)
+  state = json.loads(json.dumps(it.get_state()))
+  other = make(2)
+  with pytest.raises(Exception):
+    other.set_state(state)
+    next(other)
+  other.close()
+
+
+def test_resume_refuses_a_changed_run_and_takes_safe_changes(tiny_config, tmp_path):
+  from jaxret.train.loop import train
+  from jaxret.workdir import check_workdir_config
+  work = str(tmp_path)
+  base = ["total_steps=2", "optim.warmup_steps=1"]
+  train(tiny_config("softmax", *base), work, progress=False)
+  for change, key in (("batch_size=32", "batch_size"), ("seed=1", "seed"),
+                      ("optim.lr=0.01", "optim.lr"), ("data.workers=1", "data.workers"),
+                      ("data.augment.flip=true", "data.augment.flip"),
+                      ("optim.rules=(('t', {'frozen': True}),)", "optim.rules")):
+    with pytest.raises(UserError, match=rf"holds a run with {key}=.*use a new --workdir"):
+      check_workdir_config(work, tiny_config("softmax", *base, change))
+  # Extending the run, changing the evaluation and the mesh (same process count) resume.
+  safe = tiny_config("softmax", "total_steps=3", "optim.warmup_steps=1", "eval.ks=(1, 2)",
+                     "mesh.fsdp=2", "checkpoint.every=3")
+  check_workdir_config(work, safe)
+  assert train(safe, work, progress=False)["step"] == 3

@@ -239,7 +239,7 @@ def test_eval_matches_brute_force_on_the_same_embeddings(filip_run):
   from jaxret.workdir import restore_params
   workdir, cfg, result = filip_run
   exp = Experiment(cfg)
-  params, _ = restore_params(exp, workdir)
+  params, _ = restore_params(exp.abstract_state, workdir)
   ev = build_evaluator(exp)
   emb = ev.embed_records(params, "test")
   img, txt, owner = emb["image"]["image_emb"], emb["text"]["text_emb"], emb["caption_image"]

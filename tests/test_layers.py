@@ -14,8 +14,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS = [
     ("base", r"jaxret\.(errors|config|param_rules|hugepages)"),
     ("stages", r"jaxret\.(models|losses|data|parallel)(\..*)?|jaxret\.optim"),
-    ("run", r"jaxret\.(experiment|workdir|checkpoint)"),
-    ("uses", r"jaxret\.(train|eval|export)(\..*)?"),
+    ("run", r"jaxret\.(experiment|workdir|checkpoint|lock)"),
+    ("uses", r"jaxret\.(train|eval|export|inference)(\..*)?"),
     ("front", r"jaxret|jaxret\.cli"),
 ]
 # Within a layer, who may import whom (group -> groups); anything else in the layer is refused.
@@ -23,6 +23,7 @@ SAME_LAYER = {
     "config": {"errors"},
     "workdir": {"checkpoint"},
     "train": {"eval"},  # training runs the evaluator; never the other way round
+    "inference": {"eval", "export"},  # embeds as eval does, loads exports; never trains
 }
 
 

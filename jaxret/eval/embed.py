@@ -17,10 +17,11 @@ TOKENS = {"image": ("image_emb", "image_tokens", "image_mask", "image_special"),
 
 
 class Embedder:
-  def __init__(self, model, mesh, param_shardings, batch_size, tokens=False):
+  def __init__(self, model, mesh, param_shardings, batch_size, tokens=False,
+               rules=partitioning.DEFAULT_RULES):
     n = batch_parallelism(mesh)
     self.batch_size = -(-batch_size // n) * n  # a multiple of the batch-parallel devices
-    self.mesh, self.tokens = mesh, tokens
+    self.mesh, self.tokens, self.rules = mesh, tokens, rules
     keep = TOKENS if tokens else POOLED
     sh = partitioning.batch_sharding(mesh)
 
@@ -47,7 +48,7 @@ class Embedder:
       n = len(chunk)
       chunk = np.pad(chunk, [(0, b - n)] + [(0, 0)] * (chunk.ndim - 1))
       x = jax.make_array_from_process_local_data(sh, chunk[lo:lo + per_process])
-      with partitioning.activate(self.mesh):
+      with partitioning.activate(self.mesh, self.rules):
         out = self._fns[kind](params, x)
       if jax.process_count() > 1:
         out = multihost_utils.process_allgather(out, tiled=True)

@@ -21,7 +21,7 @@ def evaluate_workdir(workdir, step=None, tasks=None, data_dir=None):
   if data_dir:
     cfg.data.dir = data_dir
   exp = Experiment(cfg)
-  params, step = restore_params(exp, workdir, step)
+  params, step = restore_params(exp.abstract_state, workdir, step)
   result = build_evaluator(exp)(params, step)
   write_result(workdir, result)
   print(format_table(result), flush=True)

@@ -15,6 +15,7 @@ import numpy as np
 
 from jaxret.data.pipeline import eval_records
 from jaxret.errors import UserError, did_you_mean
+from jaxret.parallel import partitioning
 from jaxret.eval import zeroshot
 from jaxret.eval.embed import Embedder, concat
 from jaxret.eval.ranking import Ranker
@@ -40,20 +41,22 @@ def build_evaluator(exp):
   return Evaluator(exp.model, exp.loss, exp.mesh, exp.state_sh.params,
                    data_dir=c.data.dir, split=c.data.eval_split, train_split=c.data.train_split,
                    tokenizer=exp.tokenizer, manifest=exp.manifest, eval_cfg=c.eval,
-                   image_size=c.model.image.size)
+                   image_size=c.model.image.size, rules=exp.rules)
 
 
 class Evaluator:
   """evaluator(params, step) -> result dict; builds its jitted functions once."""
 
   def __init__(self, model, loss, mesh, param_shardings, *, data_dir, split, train_split,
-               tokenizer, manifest, eval_cfg, image_size=None):
+               tokenizer, manifest, eval_cfg, image_size=None,
+               rules=partitioning.DEFAULT_RULES):
     self.tasks = check_tasks(eval_cfg.tasks)
     self.cfg, self.loss, self.tokenizer, self.manifest = eval_cfg, loss, tokenizer, manifest
     self.data_dir, self.split, self.train_split = data_dir, split, train_split
     self.image_size = image_size  # None: the stored size
     self.late = loss.similarity == "late_interaction"
-    self.embed = Embedder(model, mesh, param_shardings, eval_cfg.batch_size, tokens=self.late)
+    self.embed = Embedder(model, mesh, param_shardings, eval_cfg.batch_size, tokens=self.late,
+                          rules=rules)
     self.ranker = Ranker(mesh, eval_cfg.block_elements)
     self.retrieval = RetrievalEvaluator(self.ranker, eval_cfg, self.late)
     if "zeroshot" in self.tasks:

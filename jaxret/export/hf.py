@@ -100,7 +100,7 @@ def restore_on_cpu(workdir, step=None):
     cfg.mesh.update(data=1, fsdp=1, tensor=1)  # orbax reshards onto the one device
     cfg.batch_size = 1
   exp = Experiment(cfg, devices=jax.devices("cpu")[:1])
-  params, step = restore_params(exp, workdir, step)
+  params, step = restore_params(exp.abstract_state, workdir, step)
   tokenizer = os.path.join(cfg.data.dir, exp.manifest["tokenizer"])
   return cfg, params, step, tokenizer
 

@@ -1,8 +1,9 @@
 """Transformer pieces shared by the image and text towers.
 
 Every parameter carries logical axis names ('embed', 'mlp', 'heads', 'kv', ...) and the
-activations carry ('batch', 'length', ...); `jaxret.parallel.partitioning` maps them onto
-the mesh. Nothing here knows the mesh.
+activations names of their own ('act_batch', 'act_length', 'act_embed', ...);
+`jaxret.parallel.partitioning` maps them onto the mesh by the config's `mesh.rules`. Nothing
+here knows the mesh.
 """
 import functools
 from typing import Any, Optional
@@ -13,6 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 
 Dtype = Any
+
+# The logical axis names the models use, the vocabulary of `mesh.rules` (a rule for any other
+# name is refused at load). Activations are named apart from parameters: the same width is
+# split over fsdp as a weight but not as an activation, whose batch already holds fsdp.
+# tests/test_sharding_rules.py checks the models use exactly these.
+PARAM_AXES = ("embed", "mlp", "heads", "kv", "vocab", "length", "joint", "layers")
+ACTIVATION_AXES = ("act_batch", "act_length", "act_embed", "act_mlp", "act_heads", "act_kv")
+LOGICAL_AXES = PARAM_AXES + ACTIVATION_AXES
 
 ACTIVATIONS = {
     # Flax's default gelu is the tanh approximation (torch: gelu(approximate='tanh')).
@@ -63,7 +72,7 @@ class Attention(nn.Module):
     q = (jnp.einsum("bld,dhk->blhk", x_q.astype(self.dtype), wq) + bq) * (dh ** -0.5)
     k = jnp.einsum("bld,dhk->blhk", x_kv.astype(self.dtype), wk) + bk
     v = jnp.einsum("bld,dhk->blhk", x_kv.astype(self.dtype), wv) + bv
-    q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
+    q = nn.with_logical_constraint(q, ("act_batch", "act_length", "act_heads", "act_kv"))
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)
     if mask is not None:
       logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
@@ -88,7 +97,7 @@ class Mlp(nn.Module):
                  kernel_init=logical(nn.initializers.xavier_uniform(), ("embed", "mlp")),
                  bias_init=logical(nn.initializers.normal(1e-6), ("mlp",)))(x)
     h = ACTIVATIONS[self.act](h)
-    h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
+    h = nn.with_logical_constraint(h, ("act_batch", "act_length", "act_mlp"))
     return nn.Dense(d, dtype=self.dtype, name="fc2",
                     kernel_init=logical(nn.initializers.xavier_uniform(), ("mlp", "embed")),
                     bias_init=logical(nn.initializers.normal(1e-6), ("embed",)))(h)
@@ -106,10 +115,10 @@ class Block(nn.Module):
   def __call__(self, x, mask=None):
     y = layer_norm(self.ln_eps, "ln1", self.dtype)(x)
     x = x + Attention(self.num_heads, self.dtype, name="attn")(y, y, mask)
-    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
     y = layer_norm(self.ln_eps, "ln2", self.dtype)(x)
     x = x + Mlp(self.mlp_dim, self.act, self.dtype, name="mlp")(y)
-    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    return nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
 
 
 # Named rematerialisation policies: what a block keeps from the forward pass for backward.

@@ -39,13 +39,14 @@ class TextTransformer(nn.Module):
                      embedding_init=logical(nn.initializers.normal(0.02), ("vocab", "embed")))
     # Gather whole rows (the table's FSDP shards all-gathered first, as for any weight):
     # a lookup from an embed-sharded table yields embed-sharded rows for every example,
-    # which SPMD can only reshard to batch shards by replicating them.
+    # which SPMD can only reshard to batch shards by replicating them. The rows keep the
+    # parameter's own 'vocab' name: they stay split as the stored table is.
     table = nn.with_logical_constraint(embed.embedding, ("vocab", None))
     x = jnp.take(table, text, axis=0).astype(self.dtype)
     pos = self.param("pos_embedding", logical(nn.initializers.normal(0.01), (None, "length", "embed")),
                      (1, self.max_len, self.width))
     x = x + pos[:, :text.shape[1]].astype(x.dtype)
-    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
     mask = nn.make_causal_mask(text) if self.causal else None
     x = Encoder(self.depth, self.num_heads, self.mlp_dim, self.act, self.ln_eps, self.dtype,
                 self.remat, self.scan, name="encoder")(x, mask)

@@ -60,7 +60,7 @@ class ViT(nn.Module):
     x = x + pos.astype(x.dtype)
     if self.pre_norm:
       x = layer_norm(self.ln_eps, "ln_pre", self.dtype)(x)
-    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
     x = Encoder(self.depth, self.num_heads, self.mlp_dim, self.act, self.ln_eps, self.dtype,
                 self.remat, self.scan, name="encoder")(x)
     x = layer_norm(self.ln_eps, "ln_post", self.dtype)(x)

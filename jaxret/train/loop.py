@@ -3,20 +3,25 @@
 Rerunning the same command on the same workdir resumes from the latest checkpoint, with the
 data iterator exactly where it was.
 """
+import contextlib
 import os
 import time
 
 import jax
-import numpy as np
 import tqdm
 
 from jaxret.checkpoint import Checkpointer
 from jaxret.data.pipeline import skipped_total, train_iterator
 from jaxret.data.sources import parse_mixture
+from jaxret.errors import Preempted
 from jaxret.eval.report import format_table, write_result
 from jaxret.eval.suite import build_evaluator
 from jaxret.experiment import Experiment, init_state
+from jaxret.optim import param_setting
+from jaxret.lock import WorkdirLock
 from jaxret.parallel import partitioning
+from jaxret.train.health import Health
+from jaxret.train.preemption import PreemptionGuard
 from jaxret.train.step import make_train_step
 from jaxret.train.writers import MetricWriter
 from jaxret.workdir import check_workdir_config, load_initial_params, write_run_config
@@ -38,11 +43,21 @@ def _global_batch(mesh, batch):
 def train(cfg, workdir, *, stop_after_step=None, progress=True, devices=None):
   """Train (or resume) to `cfg.total_steps`; returns the final evaluation result.
 
-  `stop_after_step` ends the run early, as a preemption would (used by the resume test);
-  `devices` restricts the mesh to a subset of the devices (default: all).
+  `stop_after_step` ends the run early without saving, as a kill would (used by the resume
+  test); `devices` restricts the mesh to a subset of the devices (default: all).
+  SIGTERM/SIGINT/SIGUSR1 save the current step and raise errors.Preempted; a non-finite loss
+  or gradient raises health.Diverged with the latest checkpoint untouched.
   """
   workdir = os.path.abspath(workdir)
   exp = Experiment(cfg, devices)
+  os.makedirs(workdir, exist_ok=True)
+  # One trainer per workdir: process 0 holds the lock for the whole job.
+  lock = WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+  with lock, PreemptionGuard() as guard:
+    return _train(exp, cfg, workdir, guard, stop_after_step, progress)
+
+
+def _train(exp, cfg, workdir, guard, stop_after_step, progress):
   check_workdir_config(workdir, cfg)
   ckpt = Checkpointer(workdir, every=cfg.checkpoint.every, keep=cfg.checkpoint.keep,
                       async_save=cfg.checkpoint.async_save)
@@ -51,16 +66,15 @@ def train(cfg, workdir, *, stop_after_step=None, progress=True, devices=None):
                         image_size=cfg.model.image.size, augment=train_augment(cfg.data),
                         mixture=parse_mixture(cfg.data.mixture),
                         split=cfg.data.train_split, workers=cfg.data.workers)
-  start = ckpt.latest_step()
+  start, state = ckpt.restore_latest(exp.abstract_state, data)
   if start is None:
     start = 0
-    state = init_state(exp.model, exp.tx, exp.mesh, cfg.model.image.size, cfg.seed, exp.state_sh)
+    state = init_state(exp.model, exp.tx, exp.mesh, cfg.model.image.size, cfg.seed, exp.state_sh,
+                       exp.rules)
     if cfg.model.init_from:
       state = state.replace(params=load_initial_params(
           cfg.model.init_from, exp.abstract_state.params, exp.state_sh.params, cfg.model.scan,
-          cfg.model.image))
-  else:
-    state = ckpt.restore(start, exp.abstract_state, data)
+          cfg.model.image, rules=cfg.optim.rules, fresh=state.params))
   if jax.process_index() == 0:
     write_run_config(workdir, cfg)
     if start:
@@ -68,31 +82,40 @@ def train(cfg, workdir, *, stop_after_step=None, progress=True, devices=None):
 
   writer = MetricWriter(workdir, resume_step=start)
   step_fn = make_train_step(exp.model, exp.loss, exp.tx, exp.schedule, exp.mesh, exp.state_sh,
-                            cfg.optim.grad_accum_steps)
+                            cfg.optim.grad_accum_steps, rules=exp.rules,
+                            frozen=param_setting(cfg.optim, exp.abstract_state.params, "frozen"))
   evaluate = build_evaluator(exp)
   bar = tqdm.tqdm(total=cfg.total_steps, initial=start, disable=not progress or
                   jax.process_index() != 0, desc=f"train {cfg.loss.name}", unit="step",
                   dynamic_ncols=True)
   t0, last_logged = time.perf_counter(), start
   step = start
+  health = Health(cfg.optim.skip_nonfinite)
+  last_good = lambda: (ckpt.wait(), ckpt.latest_step())[1]  # noqa: E731
   try:
     while step < cfg.total_steps:
       state, metrics = step_fn(state, _global_batch(exp.mesh, next(data)))
       step += 1
-      ckpt.save(step, state, data, force=step == cfg.total_steps)
+      health.update(step, metrics)
+      preempted = guard.reached(step)  # every step, on every process (a collective decision)
+      if preempted or step == cfg.total_steps or ckpt.due(step):
+        health.check(last_good)  # a non-finite step since the last save stops before saving
+        ckpt.save(step, state, data, force=True)
       if step % cfg.log_every == 0 or step == cfg.total_steps:
+        health.check(last_good)
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         now = time.perf_counter()
         metrics["examples_per_s"] = cfg.batch_size * (step - last_logged) / (now - t0)
         metrics["data/skipped"] = skipped_total(data)  # broken records so far (cumulative)
+        if cfg.optim.skip_nonfinite:
+          metrics["optim/skipped_total"] = health.total
         t0, last_logged = now, step
-        if not np.isfinite(metrics["loss"]):
-          raise FloatingPointError(f"loss is {metrics['loss']} at step {step}; lower optim.lr "
-                                   "or check the data")
         writer.write(step, metrics)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", ex_s=f"{metrics['examples_per_s']:.0f}",
                         **({"skipped": metrics["data/skipped"]} if metrics["data/skipped"] else {}))
       bar.update(1)
+      if preempted:
+        raise Preempted(guard.received, step)
       if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.total_steps:
         result = evaluate(state.params, step)
         writer.write(step, _eval_scalars(result))

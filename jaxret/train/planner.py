@@ -18,7 +18,7 @@ from jax.sharding import AbstractMesh, AxisType
 
 from jaxret import losses
 from jaxret.errors import UserError
-from jaxret.experiment import check_components, state_shardings
+from jaxret.experiment import abstract_boxed_params, check_components, state_shardings
 from jaxret.models.two_tower import build_model
 from jaxret.optim import make_optimizer
 from jaxret.param_rules import param_paths
@@ -61,7 +61,8 @@ def plan(cfg, mesh_sizes, *, compile_activations=True):
   local_batch = cfg.batch_size // batch_devices
   model = build_model(cfg.model)
   tx, _ = make_optimizer(cfg.optim, cfg.total_steps)
-  abstract, _ = state_shardings(model, tx, mesh, cfg.model.image.size)
+  rules = cfg.mesh.rules
+  abstract, _ = state_shardings(model, tx, mesh, cfg.model.image.size, rules)
 
   params = abstract.params
   names = jax.tree.leaves(param_paths(params))
@@ -79,6 +80,9 @@ def plan(cfg, mesh_sizes, *, compile_activations=True):
       "shardings": [(n, tuple(x.shape), str(x.dtype), tuple(x.sharding.spec),
                      math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize)
                     for n, x in zip(names, leaves)],
+      # Dimensions the rules ask to split that the mesh does not divide (replicated instead).
+      "undivided": partitioning.undivided(
+          abstract_boxed_params(model, mesh, cfg.model.image.size), mesh, rules),
   }
   if compile_activations:
     result.update(_one_device_program(cfg, model, tx, local_batch))
@@ -93,13 +97,14 @@ def _one_device_program(cfg, model, tx, local_batch):
   """
   mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
   loss = losses.get_loss(cfg.loss.name, cfg.loss)
-  abstract, sh = state_shardings(model, tx, mesh, cfg.model.image.size)
+  abstract, sh = state_shardings(model, tx, mesh, cfg.model.image.size, cfg.mesh.rules)
   s, n = cfg.model.image.size, cfg.model.text.max_len
   bsh = partitioning.batch_sharding(mesh)
   batch = {"image": jax.ShapeDtypeStruct((local_batch, s, s, 3), jnp.float32, sharding=bsh),
            "text": jax.ShapeDtypeStruct((local_batch, n), jnp.int32, sharding=bsh)}
-  step = make_train_step(model, loss, tx, lambda i: 0.0, mesh, sh, cfg.optim.grad_accum_steps)
-  with partitioning.activate(mesh):
+  step = make_train_step(model, loss, tx, lambda i: 0.0, mesh, sh, cfg.optim.grad_accum_steps,
+                         rules=cfg.mesh.rules)
+  with partitioning.activate(mesh, cfg.mesh.rules):
     compiled = step.jitted.lower(abstract, batch).compile()
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
@@ -135,4 +140,7 @@ def format_plan(p, config_name):
     spec_s = "(" + ", ".join("-" if a is None else (a if isinstance(a, str) else "+".join(a))
                              for a in spec) + ")" if spec else "replicated"
     lines.append(f"  {name:<{width}}  {str(shape):<22} {spec_s:<28} {nbytes / 2**20:10.2f} MiB")
+  if p.get("undivided"):
+    lines.append("not sharded as the rules ask (mesh.rules; replicated on these dimensions)")
+    lines += [f"  {partitioning.describe_undivided(r)}" for r in p["undivided"]]
   return "\n".join(lines)

@@ -1,7 +1,14 @@
 """Where metrics go: `metrics.jsonl` (one JSON object per logged step) and TensorBoard event
-files under `tb/`, both in the workdir. Only process 0 writes."""
+files under `tb/`, both in the workdir. Only process 0 writes.
+
+After a resume from step S, both hold each step once: metrics.jsonl is rewritten without the
+rows after S (atomically: a kill during the rewrite leaves the old file), and TensorBoard is
+told to purge events after S (`purge_step`, a SessionLog.START that its reader honours). A
+torn last line, left by a kill mid-write, is dropped.
+"""
 import json
 import os
+import time
 
 import jax
 
@@ -16,16 +23,24 @@ class MetricWriter:
     os.makedirs(workdir, exist_ok=True)
     self._drop_rows_after(resume_step)
     from tensorboardX import SummaryWriter
-    self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+    # purge_step: events of an earlier attempt at steps > resume_step are dropped on read.
+    # The suffix keeps a writer opened within the same second as the last one (a quick resume)
+    # from overwriting its file, and sorts after it, as TensorBoard reads files in name order.
+    self._tb = SummaryWriter(os.path.join(workdir, "tb"),
+                             purge_step=resume_step + 1 if resume_step else None,
+                             filename_suffix=f".{time.time_ns():020d}")
 
   def _drop_rows_after(self, step):
     """On resume, rows logged after the restored checkpoint are about to be recomputed."""
     if not os.path.exists(self.path):
       return
-    with open(self.path) as f:
-      rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-    with open(self.path, "w") as f:
-      f.writelines(rows)
+    rows = [r for r in _rows(self.path) if r.get("step", 0) <= step]
+    tmp = self.path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in rows)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, self.path)
 
   def write(self, step, metrics):
     if not self.enabled:
@@ -49,6 +64,17 @@ def _plain(v):
   return v
 
 
+def _rows(path):
+  """The rows of a metrics.jsonl; a line that does not parse (torn by a kill) is dropped."""
+  out = []
+  with open(path) as f:
+    for line in f:
+      try:
+        out.append(json.loads(line))
+      except ValueError:
+        continue
+  return out
+
+
 def read_metrics(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return _rows(os.path.join(workdir, "metrics.jsonl"))
