@@ -51,7 +51,7 @@ demo: demo-data
 	done
 
 test: $(VENV)/.test fashion-mnist
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
 
 clean:
 	rm -rf $(VENV) $(DEMO_DATA) $(DEMO_RUNS)

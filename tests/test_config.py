@@ -161,8 +161,8 @@ def test_resume_refuses_a_changed_run_and_takes_safe_changes(tiny_config, tmp_pa
                       ("optim.rules=(('t', {'frozen': True}),)", "optim.rules")):
     with pytest.raises(UserError, match=rf"holds a run with {key}=.*use a new --workdir"):
       check_workdir_config(work, tiny_config("softmax", *base, change))
-  # Extending the run, changing the evaluation and the mesh (same process count) resume.
-  safe = tiny_config("softmax", "total_steps=3", "optim.warmup_steps=1", "eval.ks=(1, 2)",
-                     "mesh.fsdp=2", "checkpoint.every=3")
-  check_workdir_config(work, safe)
-  assert train(safe, work, progress=False)["step"] == 3
+  # Extending the run, changing the evaluation and the mesh (same process count) are let
+  # through (restoring onto another mesh is orbax's resharding: test_export restores an
+  # fsdp=2 run on one device).
+  check_workdir_config(work, tiny_config("softmax", "total_steps=3", "optim.warmup_steps=1",
+                                         "eval.ks=(1, 2)", "mesh.fsdp=2", "checkpoint.every=3"))

@@ -75,7 +75,7 @@ def test_one_device_and_eight_devices_give_the_same_losses(tiny_config, tmp_path
 def test_workdir_of_a_different_model_is_refused(tiny_config, full_run, tmp_path):
   workdir = str(tmp_path / "w")
   shutil.copytree(full_run[0], workdir)
-  with pytest.raises(UserError, match="model.image.width is 32 there but 64"):
+  with pytest.raises(UserError, match="holds a run with model.image.width=32, and changing it to 64"):
     train(tiny_config("softmax", "model.image.width=64"), workdir, progress=False)
   # Without the saved config, the checkpoint's own parameter shapes catch it.
   os.remove(os.path.join(workdir, "config.json"))
