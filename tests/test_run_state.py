@@ -104,3 +104,13 @@ def test_without_purge_tensorboard_would_show_steps_twice(tmp_path):
       w.add_scalar("loss", v, step)
     w.close()
   assert len(_tensorboard_view(str(tmp_path))) == 4
+
+
+def test_plot_reads_metrics_with_a_torn_last_line(tmp_path):
+  from jaxret.eval.plots import plot_workdir
+  rows = [{"step": s, "loss": 3.0 - 0.1 * s, "lr": 1e-3, "examples_per_s": 100.0}
+          for s in range(1, 5)]
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows)
+                                          + '{"step": 5, "lo')
+  assert [os.path.basename(p) for p in plot_workdir(str(tmp_path))] == ["training.png"]
+  assert (tmp_path / "plots" / "training.png").stat().st_size > 0

@@ -88,8 +88,13 @@ def plot_workdir(workdir):
       written.append(os.path.join(out_dir, "recall_at_k.png"))
       recall_curves(result, written[-1])
   if os.path.exists(metrics_path):
+    rows = []
     with open(metrics_path) as f:
-      rows = [json.loads(line) for line in f if line.strip()]
+      for line in f:
+        try:
+          rows.append(json.loads(line))
+        except ValueError:  # a line torn by a killed run (the writer drops it on resume)
+          continue
     written.append(os.path.join(out_dir, "training.png"))
     training_curves(rows, written[-1])
   return written
