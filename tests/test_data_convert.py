@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxret.data import convert, pipeline, sources
+from jaxret import cli
+from jaxret.data import convert, pipeline, sources, tokenizers
+from jaxret.errors import UserError
 
 SIZE = 24
 
@@ -79,16 +81,126 @@ def test_resume_after_interruption_gives_identical_output(folder, tmp_path):
   # An interrupted run: 2 of 4 shards finished, one half-written, no manifest yet.
   part = tmp_path / "part"
   jobs = convert.plan(part, "train", images=kw["images"], captions=kw["captions"],
-                      shard_size=8, image_size=SIZE)
-  part.mkdir()
+                      shard_size=8, image_size=SIZE)["train"]
   for job in jobs[:2]:
     convert._write_shard(job)
-  (part / (jobs[2][1] + ".tmp")).write_bytes(b"half")
+  (part / "train.partial" / (jobs[2][1] + ".tmp")).write_bytes(b"half")
+  kept = {j[1]: (part / "train.partial" / j[1]).stat().st_mtime_ns for j in jobs[:2]}
   (part / "tokenizer.json").write_bytes((tmp_path / "full" / "tokenizer.json").read_bytes())
   again = convert.convert(part, **kw)
   assert digest(part) == digest(tmp_path / "full")
   assert again["splits"] == full["splits"]
-  assert not list(part.glob("*.done"))
+  assert {n: (part / n).stat().st_mtime_ns for n in kept} == kept  # finished shards not redone
+  assert sorted(p.name for p in part.iterdir()) == sorted(
+      ["manifest.json", "tokenizer.json", *again["splits"]["train"]["files"]])
+
+
+def caption_file(path, folder, ids, text="picture {i}"):
+  """A JSONL of the fixture's images `ids` -> [[captions]] it gives, in order."""
+  ext = ["jpeg", "png", "png", "jpeg"]
+  rows = [{"image": f"{i}.{ext[i % 4]}", "caption": text.format(i=i)} for i in ids]
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return [[r["caption"]] for r in rows]
+
+
+def records(d, split):
+  return [msgpack.unpackb(r) for r in sources.open_split(d, split)]
+
+
+def snapshot(d):
+  return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file()}
+
+
+@pytest.fixture
+def two_splits(folder, tmp_path):
+  """A data dir with train (images 0-19) and test (20-29, three shards) -> (dir, kw)."""
+  d = tmp_path / "d"
+  kw = dict(images=folder / "img", image_size=SIZE, workers=1, progress=False)
+  caption_file(tmp_path / "train.jsonl", folder, range(20))
+  convert.convert(d, captions=tmp_path / "train.jsonl", shard_size=8, vocab_size=700, **kw)
+  caption_file(tmp_path / "test.jsonl", folder, range(20, 30), "test {i}")
+  convert.convert(d, split="test", captions=tmp_path / "test.jsonl", shard_size=4, **kw)
+  return d, kw
+
+
+def test_a_later_split_is_added_beside_the_others(folder, tmp_path):
+  d = tmp_path / "d"
+  train = caption_file(tmp_path / "train.jsonl", folder, range(20))
+  convert.convert(d, captions=tmp_path / "train.jsonl", images=folder / "img", shard_size=8,
+                  image_size=SIZE, vocab_size=700, workers=1, progress=False)
+  before, tok = digest(d), (d / "tokenizer.json").read_bytes()
+  test = caption_file(tmp_path / "test.jsonl", folder, range(20, 30), "test {i}")
+  cli.run(["data", "convert", "--captions", str(tmp_path / "test.jsonl"), "--images",
+           str(folder / "img"), "--out", str(d), "--split", "test", "--image-size", str(SIZE),
+           "--shard-size", "4", "--workers", "1"])
+  m = sources.load_manifest(d)
+  assert list(m["splits"]) == ["train", "test"] and m["image_size"] == SIZE
+  assert {n: h for n, h in digest(d).items() if n.startswith("train-")} == before
+  assert (d / "tokenizer.json").read_bytes() == tok  # reused, not retrained on test captions
+  assert [r["captions"] for r in records(d, "train")] == train
+  assert [r["captions"] for r in records(d, "test")] == test
+  assert sorted(p.name for p in d.iterdir()) == sorted(
+      ["manifest.json", "tokenizer.json", *m["splits"]["train"]["files"],
+       *m["splits"]["test"]["files"]])
+
+
+def test_replacing_a_split_changes_only_its_shards(two_splits, folder, tmp_path):
+  d, kw = two_splits
+  m = sources.load_manifest(d)
+  train = {n: (d / n).read_bytes() for n in m["splits"]["train"]["files"]}
+  new = caption_file(tmp_path / "new.jsonl", folder, range(22, 28), "new {i}")
+  again = convert.convert(d, split="test", captions=tmp_path / "new.jsonl", shard_size=8, **kw)
+  assert again["splits"]["train"] == m["splits"]["train"]
+  assert list(again["splits"]) == ["train", "test"]
+  assert {n: (d / n).read_bytes() for n in train} == train
+  assert [r["captions"] for r in records(d, "test")] == new
+  assert sorted(p.name for p in d.iterdir()) == sorted(  # the old three test shards are gone
+      ["manifest.json", "tokenizer.json", *train, "test-00000-of-00001.array_record"])
+
+
+def test_a_replacement_is_readable_until_done_and_failures_change_nothing(two_splits, folder,
+                                                                          tmp_path):
+  d, kw = two_splits
+  old = records(d, "test")
+  before = snapshot(d)
+  (tmp_path / "bad.jsonl").write_text('{"image": "missing.jpeg", "caption": "gone"}\n')
+  with pytest.raises(UserError, match="no usable records for split 'test'.*unchanged"):
+    convert.convert(d, split="test", captions=tmp_path / "bad.jsonl", **kw)
+  assert snapshot(d) == before and not (d / "test.partial").exists()
+  # Interrupted while replacing test by shards of the same names: one new shard is staged,
+  # the data dir still lists and serves the old test split.
+  new = caption_file(tmp_path / "new.jsonl", folder, range(20, 30), "new {i}")
+  jobs = convert.plan(d, "test", images=kw["images"], captions=tmp_path / "new.jsonl",
+                      shard_size=4, image_size=SIZE)["test"]
+  assert [j[1] for j in jobs] == sources.load_manifest(d)["splits"]["test"]["files"]
+  convert._write_shard(jobs[0])
+  assert records(d, "test") == old and snapshot(d) == before
+  convert.convert(d, split="test", captions=tmp_path / "new.jsonl", shard_size=4, **kw)
+  assert [r["captions"] for r in records(d, "test")] == new
+  assert not (d / "test.partial").exists() and not (d / "manifest.json.tmp").exists()
+
+
+def test_later_splits_keep_the_first_tokenizer_and_size(two_splits, folder, tmp_path):
+  d, kw = two_splits
+  before = snapshot(d)
+  tokenizers.train_bpe(["a different corpus entirely"] * 3, tmp_path / "tokenizer.json",
+                       vocab_size=600)
+  args = ["data", "convert", "--captions", str(tmp_path / "val.jsonl"), "--images",
+          str(folder / "img"), "--out", str(d), "--split", "val", "--workers", "1"]
+  caption_file(tmp_path / "val.jsonl", folder, range(5))
+  with pytest.raises(UserError, match=r"ships 'tokenizer.json' with its splits train, test, and "
+                     r"--tokenizer '.*' differs: leave --tokenizer out"):
+    cli.run(args + ["--image-size", str(SIZE), "--tokenizer", str(tmp_path / "tokenizer.json")])
+  with pytest.raises(UserError, match=f"stores {SIZE} px images .*--image-size {SIZE}"):
+    cli.run(args + ["--image-size", str(2 * SIZE)])
+  assert snapshot(d) == before
+  # The same tokenizer, from anywhere, is welcome.
+  (tmp_path / "copy").mkdir()
+  (tmp_path / "copy" / "tokenizer.json").write_bytes(before["tokenizer.json"])
+  cli.run(args + ["--image-size", str(SIZE), "--tokenizer",
+                  str(tmp_path / "copy" / "tokenizer.json")])
+  assert list(sources.load_manifest(d)["splits"]) == ["train", "test", "val"]
+  assert (d / "tokenizer.json").read_bytes() == before["tokenizer.json"]
 
 
 def test_webdataset_tars_via_cli(tmp_path):
@@ -166,3 +278,19 @@ def test_tfds_dataset_read_without_tensorflow(tmp_path):
                            shard_size=4, image_size=SIZE, tokenizer=out / "tokenizer.json",
                            workers=1, progress=False)
   assert nested["splits"]["train"]["num_records"] == 9
+
+
+def test_clip_vocab_file_ships_with_its_merges(folder, tmp_path):
+  """--tokenizer .../vocab.json: CLIP's pair is copied together and loads as the original."""
+  clip = tmp_path / "clip"
+  clip.mkdir()
+  tok = tokenizers.train_bpe([f"picture {i} of things" for i in range(50)], clip / "t.json",
+                             vocab_size=600, specials=(tokenizers.CLIP_BOS, tokenizers.CLIP_EOS))
+  tokenizers.save_clip_files(tok, clip)
+  caption_file(tmp_path / "caps.jsonl", folder, range(4))
+  m = convert.convert(tmp_path / "d", captions=tmp_path / "caps.jsonl", images=folder / "img",
+                      image_size=SIZE, tokenizer=clip / "vocab.json", workers=1, progress=False)
+  shipped = tokenizers.load_tokenizer(tmp_path / "d" / m["tokenizer"], 16)
+  original = tokenizers.load_tokenizer(clip / "vocab.json", 16)
+  texts = ["picture 3 of things", "unseen words here"]
+  np.testing.assert_array_equal(shipped.encode_batch(texts), original.encode_batch(texts))
