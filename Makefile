@@ -19,6 +19,7 @@ $(VENV)/.demo: pyproject.toml constraints.txt
 $(VENV)/.test: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt --no-deps open-clip-torch
 	touch $@
 
 # Real images for the demo: Debian's dataset-fashion-mnist (MIT). Without root or apt, the

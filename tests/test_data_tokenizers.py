@@ -1,4 +1,6 @@
-"""Tokenizers: CLIP BPE files give transformers.CLIPTokenizer's ids; SentencePiece; training."""
+"""Tokenizers: CLIP BPE files give transformers.CLIPTokenizer's ids on cleaned text (jaxret cleans
+captions as open_clip does before tokenizing; tests/test_tokenizer_kinds.py holds it to open_clip
+itself); SentencePiece; training."""
 
 import json
 import subprocess
@@ -50,7 +52,9 @@ def test_clip_files_match_transformers_clip_tokenizer(clip_dir):
   from transformers import CLIPTokenizer
   texts = captions(300, seed=2)
   ref = CLIPTokenizer.from_pretrained(str(clip_dir))
-  want = np.array(ref(texts, padding="max_length", max_length=77, truncation=True)["input_ids"])
+  cleaned = [T.clean_text(t, lower=True) for t in texts]
+  assert cleaned != texts  # e.g. 'HTML &amp; <b>tags</b>', 'tabs\tand\nnewlines   here '
+  want = np.array(ref(cleaned, padding="max_length", max_length=77, truncation=True)["input_ids"])
   eos = ref.eos_token_id
   assert ((want[:, -1] == eos) & (want[:, -2] != eos)).any(), "no caption was truncated"
   for path in (clip_dir, clip_dir / "vocab.json", clip_dir / "tokenizer.json"):
@@ -91,7 +95,8 @@ def test_clip_special_layout_and_full_size_vocab(tmp_path):
   texts = captions(40, seed=3)
   np.testing.assert_array_equal(
       mine.encode_batch(texts),
-      ref(texts, padding="max_length", max_length=77, truncation=True)["input_ids"])
+      ref([mine.clean(t) for t in texts], padding="max_length", max_length=77,
+          truncation=True)["input_ids"])
   assert T.clip_bpe(vocab, [tuple(m.split()) if isinstance(m, str) else m for m in merges]
                     ).encode("\x07 ☃", add_special_tokens=False).ids.count(49407) == 0  # no unknowns
 
@@ -108,7 +113,8 @@ def test_jaxret_names_kept_for_export(tmp_path):
   texts = captions(60, seed=4)
   np.testing.assert_array_equal(
       mine.encode_batch(texts),
-      ref(texts, padding="max_length", max_length=16, truncation=True)["input_ids"])
+      ref([mine.clean(t) for t in texts], padding="max_length", max_length=16,
+          truncation=True)["input_ids"])
   # Retrained on the same corpus: the same size (HF breaks ties between equally frequent
   # pairs in hash order, so ids may differ; see train_bpe).
   again = T.train_bpe(captions(100), tmp_path / "again.json", vocab_size=700)

@@ -47,7 +47,8 @@ def test_plan_matches_the_compiled_sharded_step(tiny_config, mesh):
 def test_l14_on_256_chips_from_a_laptop():
   proc = subprocess.run(
       [sys.executable, "-m", "jaxret.cli", "inspect", "--config", "configs/clip.py:l14",
-       "--mesh", "data=32,fsdp=8,tensor=1", "--no-compile"],
+       "--mesh", "data=32,fsdp=8,tensor=1", "--no-compile",
+       "--config.model.text.vocab_size=49408"],
       cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr[-2000:]
   out = proc.stdout

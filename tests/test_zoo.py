@@ -24,8 +24,10 @@ def load(spec):
   return config.load(os.path.join(ROOT, "configs", spec))
 
 
-def abstract_params(cfg):
-  model = build_model(cfg.model)
+def abstract_params(cfg, vocab_size=49408):
+  """Abstract parameters with the data's vocabulary taken as OpenAI's BPE (the zoo configs take
+  it from the data's tokenizer)."""
+  model = build_model(cfg.model, vocab_size=vocab_size)
   s, n = cfg.model.image.size, cfg.model.text.max_len
   return jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, s, s, 3), np.float32),
                                            np.zeros((1, n), np.int32)))["params"]
@@ -43,6 +45,15 @@ def test_zoo_config_loads_and_says_how_to_launch(spec):
   module_spec.loader.exec_module(module)
   assert f"jaxret train --config configs/{spec}" in module.__doc__
   assert load(spec).batch_size >= 1024
+
+
+@pytest.mark.parametrize("spec", ZOO + ["lit.py"])
+def test_zoo_vocabulary_comes_from_the_data_unless_pinned(spec):
+  assert load(spec).model.text.vocab_size == 0
+  pinned = config.load(os.path.join(ROOT, "configs", spec), ["model.text.vocab_size=32000"])
+  assert pinned.model.text.vocab_size == 32000
+  assert count(abstract_params(pinned, None)) - count(abstract_params(pinned, 31000)) == (
+      1000 * pinned.model.text.width)
 
 
 def test_unknown_variant_is_one_line():

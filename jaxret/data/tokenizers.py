@@ -1,23 +1,30 @@
 """Text tokenizers: tokenizer files in, fixed-length int32 id arrays out.
 
-Every text becomes `BOS tokens... EOS PAD...` of exactly `max_len` ids.
-Too long texts lose tokens from the end but keep EOS as the last real token, so a
-model that pools at EOS always finds it.
+Every text is first cleaned as open_clip does (`clean_text`: ftfy, HTML entities, whitespace;
+lower case for tokenizers that lower-case anyway), then becomes `BOS tokens... EOS PAD...` of
+exactly `max_len` ids. Too long texts lose tokens from the end but keep EOS as the last real
+token (open_clip's truncation), so a model that pools at EOS always finds it.
 
-Files `load_tokenizer` reads:
+Files `load_tokenizer` reads (every kind has the same interface: encode_batch, encode, decode,
+clean, pad_id, bos_id (None: no start token), eos_id, vocab_size, and to_hf for export):
   * an HF `tokenizer.json` (what `jaxret data train-tokenizer` and the demo write);
   * CLIP's `vocab.json` + `merges.txt` (a folder holding both, or the vocab.json path):
     byte-level BPE with CLIP's cleanup (NFC, whitespace runs -> one space, lower case),
     the same ids as transformers' CLIPTokenizer; OpenAI's files have 49408 tokens and
-    context 77;
+    context 77 (`read_openai_bpe` builds them from the merges file open_clip ships);
   * a SentencePiece `.model` (SigLIP-style towers; no BOS unless the model has one).
-Special tokens are found by name: jaxret's [PAD] [BOS] [EOS] (export needs these names),
-CLIP's <|startoftext|> <|endoftext|> (padding with <|endoftext|>, as transformers does).
+Special tokens come from the file's BOS/EOS template when it has one, else by name: jaxret's
+[PAD] [BOS] [EOS], CLIP's <|startoftext|> <|endoftext|>, SentencePiece's <s> </s> <pad>.
+Without a pad token, padding is EOS (as transformers pads CLIP with <|endoftext|>).
 """
 
+import gzip
+import html
+import io
 import json
 from pathlib import Path
 
+import ftfy
 import numpy as np
 import tokenizers as hf
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -35,6 +42,15 @@ END_OF_WORD = "</w>"
 # Words keep inner hyphens ('t-shirt' is one token, so decoding gives it back
 # unchanged); punctuation runs become their own tokens; whitespace is dropped.
 WORD_OR_PUNCT = r"[\w-]+|[^\w\s]+"
+
+
+def clean_text(text, lower=False):
+  """open_clip's caption cleanup: ftfy's mojibake/unicode fixes, HTML entities unescaped twice
+  (web captions are often escaped twice), whitespace runs -> one space, stripped; `lower` as
+  Python lower-cases (open_clip's CLIP BPE: final sigma and all, which the HF normalizer's
+  per-character lower case does not do)."""
+  text = " ".join(html.unescape(html.unescape(ftfy.fix_text(text))).split())
+  return text.lower() if lower else text
 
 
 def _normalizer():
@@ -114,18 +130,55 @@ def read_clip_files(vocab_path, merges_path):
   return vocab, merges
 
 
+def write_clip_files(vocab, merges, out_dir):
+  """Writes `vocab` (token -> id) and `merges` ('a b' or (a, b), in rank order) as CLIP's
+  vocab.json + merges.txt into `out_dir`."""
+  merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
+  out_dir = Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+  (out_dir / "merges.txt").write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges),
+                                      encoding="utf-8")
+
+
 def save_clip_files(tok, out_dir):
   """Writes an HF BPE tokenizer's vocab.json + merges.txt (CLIP's layout) into `out_dir`."""
   spec = json.loads(tok.to_str())
   vocab = dict(spec["model"]["vocab"])
   for t in spec.get("added_tokens") or []:
     vocab.setdefault(t["content"], t["id"])
-  merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
-  out_dir = Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-  (out_dir / "merges.txt").write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges),
-                                      encoding="utf-8")
+  write_clip_files(vocab, spec["model"]["merges"], out_dir)
+
+
+def byte_alphabet():
+  """GPT-2/CLIP's printable stand-in for each byte, in OpenAI's order (the printable bytes
+  first, then the rest shifted past 255): the first 256 ids of OpenAI's vocabulary."""
+  printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+               *range(ord("®"), ord("ÿ") + 1)]
+  rest = [b for b in range(256) if b not in printable]
+  return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(rest))]
+
+
+OPENAI_MERGES = 49152 - 256 - 2  # merges OpenAI's vocabulary uses: 49408 ids in all
+
+
+def read_openai_bpe(path):
+  """OpenAI's `bpe_simple_vocab_16e6.txt.gz` (shipped by open_clip and OpenAI's CLIP) ->
+  (vocab, merges) laid out as OpenAI's vocab.json / merges.txt: the 256 bytes, each byte
+  ending a word, one token per merge, then <|startoftext|> 49406 and <|endoftext|> 49407.
+  `write_clip_files` turns them into a folder `load_tokenizer` reads."""
+  try:
+    lines = gzip.open(path).read().decode("utf-8").split("\n")
+  except (OSError, EOFError, UnicodeDecodeError) as e:
+    raise UserError(f"cannot read OpenAI's BPE merges '{path}' ({e}): pass open_clip's "
+                    "bpe_simple_vocab_16e6.txt.gz") from None
+  merges = [tuple(line.split()) for line in lines[1:OPENAI_MERGES + 1]]  # line 0: a header
+  if len(merges) != OPENAI_MERGES or any(len(m) != 2 for m in merges):
+    raise UserError(f"'{path}' does not hold OpenAI's {OPENAI_MERGES} BPE merges")
+  chars = byte_alphabet()
+  tokens = chars + [c + END_OF_WORD for c in chars] + ["".join(m) for m in merges]
+  vocab = {t: i for i, t in enumerate(tokens + [CLIP_BOS, CLIP_EOS])}
+  return vocab, merges
 
 
 def train_bpe(texts, path, *, vocab_size=49408, min_frequency=2, specials=SPECIAL_TOKENS,
@@ -156,7 +209,9 @@ def train_bpe(texts, path, *, vocab_size=49408, min_frequency=2, specials=SPECIA
       vocab_size=vocab_size, min_frequency=min_frequency,
       special_tokens=list(specials), initial_alphabet=byte_chars, show_progress=False,
       end_of_word_suffix=END_OF_WORD, continuing_subword_prefix="")
-  tok.train_from_iterator(list(texts), trainer)
+  # Trained on what encoding will see: cleaned texts (consumed as it goes: convert passes a
+  # stream).
+  tok.train_from_iterator((clean_text(t) for t in texts), trainer)
   merges = json.loads(tok.to_str())["model"]["merges"]
   merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
   vocab = {t: i for i, t in enumerate(base)}
@@ -174,6 +229,7 @@ def train_bpe(texts, path, *, vocab_size=49408, min_frequency=2, specials=SPECIA
 _BOS_NAMES = (BOS, CLIP_BOS, "<s>")
 _EOS_NAMES = (EOS, CLIP_EOS, "</s>")
 _PAD_NAMES = (PAD, "<pad>")
+METASPACE = "\u2581"  # SentencePiece's visible space
 
 
 def _find(tok, names):
@@ -185,21 +241,62 @@ def _find(tok, names):
   return None
 
 
+def _component(part):
+  """An HF tokenizer component (normalizer, post-processor) as its JSON data, {} if unset."""
+  return json.loads(part.__getstate__()) if part is not None else {}
+
+
+def _template_framing(tok):
+  """(bos name or None, eos name) from a `[BOS] $A EOS` TemplateProcessing post-processor (what
+  jaxret writes), else None."""
+  post = _component(tok.post_processor)
+  if post.get("type") != "TemplateProcessing":
+    return None
+  items = ["$A" if "Sequence" in x else x.get("SpecialToken", {}).get("id")
+           for x in post.get("single") or []]
+  if items.count("$A") != 1:
+    return None
+  at = items.index("$A")
+  before, after = items[:at], items[at + 1:]
+  if len(before) > 1 or len(after) != 1 or any(tok.token_to_id(n) is None for n in before + after):
+    return None
+  return (before[0] if before else None), after[0]
+
+
+def set_framing(tok, bos_id, eos_id):
+  """Gives HF tokenizer `tok` jaxret's framing, `BOS? text EOS`, as its post-processor, so
+  tokenizing with padding='max_length' and truncation gives jaxret's rows."""
+  names = [(tok.id_to_token(i), i) for i in (bos_id, eos_id) if i is not None]
+  template = " ".join([names[0][0]] * (bos_id is not None) + ["$A", names[-1][0]])
+  tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=names)
+  return tok
+
+
 class Tokenizer:
   """Fixed-length encoder over an HF tokenizer; see the module docstring for the layout."""
 
   def __init__(self, hf_tokenizer, max_len, path="<tokenizer>"):
     self._tok = hf_tokenizer
-    self.max_len = int(max_len)
-    bos, eos = _find(hf_tokenizer, _BOS_NAMES), _find(hf_tokenizer, _EOS_NAMES)
-    pad = _find(hf_tokenizer, _PAD_NAMES) or (eos if eos and eos[0] == CLIP_EOS else None)
-    for name, found in ((PAD, pad), (BOS, bos), (EOS, eos)):
-      if found is None:
-        raise UserError(f"tokenizer '{path}' has no {name} token: use a tokenizer.json that "
-                        f"defines {PAD}, {BOS} and {EOS} (the demo's does) or CLIP's "
-                        f"{CLIP_BOS} and {CLIP_EOS}")
-    self.pad_id, self.bos_id, self.eos_id = pad[1], bos[1], eos[1]
+    self.path, self.max_len = str(path), int(max_len)
+    framing = _template_framing(hf_tokenizer)
+    if framing:
+      bos, eos = ((n, hf_tokenizer.token_to_id(n)) if n else None for n in framing)
+    else:
+      bos, eos = _find(hf_tokenizer, _BOS_NAMES), _find(hf_tokenizer, _EOS_NAMES)
+    if eos is None:
+      raise UserError(f"tokenizer '{path}' has no end token: use a tokenizer.json whose "
+                      f"post-processor frames texts `[BOS] $A EOS`, or one that defines {EOS} "
+                      f"(the demo's does), CLIP's {CLIP_EOS} or </s>")
+    pad = _find(hf_tokenizer, _PAD_NAMES) or eos
+    self.pad_id, self.bos_id, self.eos_id = pad[1], bos and bos[1], eos[1]
     self.vocab_size = hf_tokenizer.get_vocab_size(with_added_tokens=True)
+    # Lower-cased in the cleanup too (as open_clip does) when the tokenizer lower-cases.
+    self.lower = "Lowercase" in json.dumps(_component(hf_tokenizer.normalizer))
+
+  def clean(self, text):
+    """The text as this tokenizer sees it (see `clean_text`); give the exported HF tokenizer
+    cleaned text to get jaxret's ids."""
+    return clean_text(text, self.lower)
 
   def _frame(self, id_lists):
     return frame(id_lists, self.max_len, self.bos_id, self.eos_id, self.pad_id)
@@ -208,18 +305,22 @@ class Tokenizer:
     """list of str -> int32 [len(texts), max_len]."""
     if isinstance(texts, str):
       raise TypeError("encode_batch takes a list of strings; use encode() for one string")
-    return self._frame([e.ids for e in
-                        self._tok.encode_batch(list(texts), add_special_tokens=False)])
+    texts = [self.clean(t) for t in texts]
+    return self._frame([e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)])
 
   def encode(self, text):
     """str -> int32 [max_len]."""
     # Single encode: no thread pool inside HF, so it is cheap per grain element.
-    return self._frame([self._tok.encode(text, add_special_tokens=False).ids])[0]
+    return self._frame([self._tok.encode(self.clean(text), add_special_tokens=False).ids])[0]
 
   def decode(self, ids):
     """ids (any int sequence) -> text, without BOS/EOS/PAD."""
     return self._tok.decode([int(i) for i in np.asarray(ids).reshape(-1)],
                             skip_special_tokens=True)
+
+  def to_hf(self):
+    """A copy of the HF tokenizer framing texts as `encode` does (what export writes)."""
+    return set_framing(hf.Tokenizer.from_str(self._tok.to_str()), self.bos_id, self.eos_id)
 
 
 def frame(id_lists, max_len, bos_id, eos_id, pad_id):
@@ -243,6 +344,8 @@ class SentencePieceTokenizer:
   id, or EOS when it has none.
   """
 
+  lower = False  # SentencePiece normalises by its own rules; case is kept.
+
   def __init__(self, path, max_len):
     import sentencepiece as spm
     self.path, self.max_len = str(path), int(max_len)
@@ -260,11 +363,14 @@ class SentencePieceTokenizer:
     self.pad_id = sp.pad_id() if sp.pad_id() >= 0 else self.eos_id
     self.vocab_size = sp.get_piece_size()
 
+  def clean(self, text):
+    return clean_text(text)
+
   def encode_batch(self, texts):
     if isinstance(texts, str):
       raise TypeError("encode_batch takes a list of strings; use encode() for one string")
-    return frame(self._sp.encode(list(texts)), self.max_len, self.bos_id, self.eos_id,
-                 self.pad_id)
+    return frame(self._sp.encode([self.clean(t) for t in texts]), self.max_len, self.bos_id,
+                 self.eos_id, self.pad_id)
 
   def encode(self, text):
     return self.encode_batch([text])[0]
@@ -272,6 +378,42 @@ class SentencePieceTokenizer:
   def decode(self, ids):
     specials = {self.bos_id, self.eos_id, self.pad_id}
     return self._sp.decode([int(i) for i in np.asarray(ids).reshape(-1) if i not in specials])
+
+  def to_hf(self):
+    """The model as an HF tokenizer with the same ids (unigram models: SigLIP's kind)."""
+    return set_framing(sentencepiece_to_hf(self.path), self.bos_id, self.eos_id)
+
+
+def sentencepiece_to_hf(path):
+  """A unigram SentencePiece `.model` -> the HF tokenizer giving the same pieces: its pieces and
+  scores, its normalisation table, whitespace as U+2581 with the leading one, its specials."""
+  from sentencepiece import sentencepiece_model_pb2 as pb
+  m = pb.ModelProto()
+  m.ParseFromString(Path(path).read_bytes())
+  t, n = m.trainer_spec, m.normalizer_spec
+  if t.model_type != pb.TrainerSpec.UNIGRAM or t.treat_whitespace_as_suffix:
+    kind = pb.TrainerSpec.ModelType.Name(t.model_type).lower()
+    raise UserError(f"SentencePiece model '{path}' ({kind}"
+                    f"{', whitespace as suffix' if t.treat_whitespace_as_suffix else ''}) cannot "
+                    "be exported: export converts unigram models (SigLIP's kind); train one with "
+                    "`jaxret data train-tokenizer --kind sentencepiece`")
+  piece = pb.ModelProto.SentencePiece
+  tok = hf.Tokenizer(models.Unigram([(p.piece, p.score) for p in m.pieces], t.unk_id,
+                                    t.byte_fallback))
+  steps = [normalizers.Precompiled(n.precompiled_charsmap)] if n.precompiled_charsmap else []
+  if n.remove_extra_whitespaces:
+    steps += [normalizers.Replace(hf.Regex(" {2,}"), " "), normalizers.Strip()]
+  tok.normalizer = normalizers.Sequence(steps)
+  tok.pre_tokenizer = pre_tokenizers.Metaspace(
+      replacement=METASPACE, prepend_scheme="always" if n.add_dummy_prefix else "never",
+      split=t.split_by_whitespace)
+  tok.decoder = decoders.Sequence(
+      [decoders.Replace(METASPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+      + [decoders.Strip(" ", 1, 0)] * n.add_dummy_prefix)
+  tok.add_special_tokens([p.piece for p in m.pieces if p.type == piece.CONTROL])
+  tok.add_tokens([hf.AddedToken(p.piece, normalized=False, special=False)
+                  for p in m.pieces if p.type == piece.USER_DEFINED])
+  return tok
 
 
 def _load_hf(path):
@@ -302,11 +444,10 @@ def load_tokenizer(path, max_len):
                     "(room for BOS and EOS); raise the text length in the config")
   if path.suffix == ".model" and path.is_file():
     return SentencePieceTokenizer(path, max_len)
-  if path.is_dir():
-    return Tokenizer(_load_hf(path), max_len, path)
-  if not path.is_file():
+  if not path.exists():
     raise UserError(f"tokenizer file '{path}' not found: rebuild the data with "
-                    "`jaxret data demo --out DIR`, or put an HF tokenizer.json there")
+                    "`jaxret data demo --out DIR`, or put there an HF tokenizer.json, a "
+                    "SentencePiece .model or a folder with CLIP's vocab.json + merges.txt")
   return Tokenizer(_load_hf(path), max_len, path)
 
 
@@ -328,14 +469,48 @@ def _caption_corpus(inputs):
       raise UserError(f"caption corpus '{item}' not found: pass text files or data dirs")
 
 
-def train_tokenizer_cli(inputs, out, *, vocab_size, min_frequency, clip_files=False):
+# SentencePiece ids jaxret trains with: T5's and SigLIP's first three, then a start token. The end
+# token is not 2, the id transformers' CLIP text model treats as OpenAI's legacy one.
+SENTENCEPIECE_IDS = dict(pad_id=0, eos_id=1, unk_id=2, bos_id=3)
+
+
+def train_sentencepiece(texts, path, *, vocab_size=32000):
+  """Trains a unigram SentencePiece model (SigLIP's kind) on the cleaned `texts`; writes the
+  .model to `path`. Ids: SENTENCEPIECE_IDS, then the pieces; `vocab_size` is an upper bound (a
+  small corpus gives fewer). Returns the number of pieces."""
+  import sentencepiece as spm
+  model = io.BytesIO()
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=(c for c in (clean_text(t) for t in texts) if c), model_writer=model,
+        model_type="unigram", vocab_size=vocab_size, hard_vocab_limit=False,
+        # A random sample bounds the trainer's memory on a big corpus.
+        input_sentence_size=5_000_000, shuffle_input_sentence=True, minloglevel=2,
+        **SENTENCEPIECE_IDS)
+  except RuntimeError as e:  # C++ trainer messages (e.g. too few characters for the specials)
+    raise UserError(f"SentencePiece training failed ({e}): give it more captions or a "
+                    "smaller --vocab-size") from None
+  Path(path).write_bytes(model.getvalue())
+  return SentencePieceTokenizer(path, 2).vocab_size
+
+
+def train_tokenizer_cli(inputs, out, *, kind="bpe", vocab_size=None, min_frequency=2,
+                        clip_files=False):
   """`jaxret data train-tokenizer`: trains on the captions of `inputs`, writes `out`."""
+  out = Path(out)
+  if kind == "sentencepiece" and (out.suffix != ".model" or clip_files):
+    raise UserError(f"--kind sentencepiece writes a .model file (--out '{out}'"
+                    f"{' with --clip-files' if clip_files else ''}): pass --out NAME.model "
+                    "without --clip-files")
   texts = list(_caption_corpus(inputs))
   if not texts:
     raise UserError(f"no captions found in {', '.join(map(str, inputs))}")
-  out = Path(out)
   out.parent.mkdir(parents=True, exist_ok=True)
-  tok = train_bpe(texts, out, vocab_size=vocab_size, min_frequency=min_frequency)
-  if clip_files:
-    save_clip_files(tok, out.parent)
-  print(f"tokenizer: {tok.get_vocab_size()} tokens from {len(texts)} captions -> '{out}'")
+  if kind == "sentencepiece":
+    size = train_sentencepiece(texts, out, vocab_size=vocab_size or 32000)
+  else:
+    tok = train_bpe(texts, out, vocab_size=vocab_size or 49408, min_frequency=min_frequency)
+    if clip_files:
+      save_clip_files(tok, out.parent)
+    size = tok.get_vocab_size()
+  print(f"tokenizer: {size} tokens from {len(texts)} captions -> '{out}'")

@@ -29,7 +29,9 @@ def to_rgb(im):
 
 
 def clean_captions(captions):
-  """Usable captions: non-empty strings (bytes decoded as UTF-8), stripped."""
+  """Usable captions: strings (bytes decoded as UTF-8), stripped, that keep some text after the
+  tokenizers' cleanup (open_clip's: an '&nbsp;' caption has none). They stay otherwise raw: the
+  tokenizer cleans what it encodes, and cleaning twice would unescape '&amp;amp;' once too many."""
   if isinstance(captions, (str, bytes)):
     captions = [captions]
   if not isinstance(captions, (list, tuple)):
@@ -38,7 +40,7 @@ def clean_captions(captions):
   for c in captions:
     if isinstance(c, bytes):
       c = c.decode("utf-8", errors="replace")
-    if isinstance(c, str) and c.strip():
+    if isinstance(c, str) and c.strip() and tokenizers.clean_text(c):
       out.append(c.strip())
   return out
 

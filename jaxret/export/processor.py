@@ -5,40 +5,44 @@ resized to `model.image.size` and center-cropped; the CLIP processor does the sa
 processor (as Google's) resizes to the square without cropping: the same pixels for square
 images, a squeeze for others.
 
-Text: the run's own tokenizer.json, with one twist. transformers' CLIPTextTransformer pools
-with `input_ids.argmax(-1)` (the highest id, OpenAI's legacy) whenever `eos_token_id == 2`,
-which is the demo tokenizer's end token. For CLIP we then swap the ids of [EOS] and [BOS]
-(tokenizer.json and the rows of the token table together), so the exported config's eos id is
-not 2 and transformers pools at the first end token, as jaxret does.
+Text: the run's own tokenizer, whatever its kind (an HF tokenizer.json, CLIP's vocab.json +
+merges.txt, a unigram SentencePiece .model), written as an HF tokenizer.json that frames texts as
+jaxret does: `AutoTokenizer.from_pretrained(out)(texts, padding="max_length",
+max_length=model.text.max_len, truncation=True)` gives jaxret's ids for texts cleaned as jaxret
+cleans them (`jaxret.data.tokenizers.clean_text`, what every jaxret tokenizer's `clean` does).
+CLIP's vocab.json + merges.txt are written beside it when the tokenizer is a byte-level BPE.
+
+One twist: transformers' CLIPTextTransformer pools with `input_ids.argmax(-1)` (the highest id,
+OpenAI's legacy) whenever `eos_token_id == 2`, which is the demo tokenizer's end token. For CLIP
+we then swap the end token's id with the start token's (or, without one, the pad or first
+token's): tokenizer.json and the rows of the token table together, so the exported config's eos
+id is not 2 and transformers pools at the first end token, as jaxret does.
 """
 import json
 
 import numpy as np
 
-from jaxret.data.tokenizers import BOS, EOS, PAD, UNK
+from jaxret.data.tokenizers import load_tokenizer, write_clip_files
 from jaxret.errors import UserError
 
 LEGACY_CLIP_EOS = 2
 
 
-def read_tokenizer(path):
-  with open(path) as f:
-    spec = json.load(f)
-  import tokenizers as hf
-  tok = hf.Tokenizer.from_str(json.dumps(spec))
-  ids = {k: tok.token_to_id(t) for k, t in (("pad", PAD), ("bos", BOS), ("eos", EOS))}
-  missing = [k for k, v in ids.items() if v is None]
-  if missing:
-    raise UserError(f"tokenizer '{path}' has no {', '.join(missing)} token: export needs "
-                    f"{PAD}, {BOS} and {EOS}")
-  return spec, ids, tok.get_vocab_size(with_added_tokens=True)
+def read_tokenizer(path, max_len):
+  """-> (tokenizer.json data framing texts as jaxret does, {'pad', 'bos', 'eos'} ids (bos may be
+  None), vocabulary size), from any tokenizer `load_tokenizer` reads."""
+  tok = load_tokenizer(path, max_len)
+  spec = json.loads(tok.to_hf().to_str())
+  return spec, {"pad": tok.pad_id, "bos": tok.bos_id, "eos": tok.eos_id}, tok.vocab_size
 
 
 def id_permutation(target, ids, vocab_size):
   """-> perm with new_id -> old_id (identity unless CLIP's legacy eos id needs moving)."""
   perm = np.arange(vocab_size)
-  if target == "clip" and ids["eos"] == LEGACY_CLIP_EOS:
-    perm[ids["eos"]], perm[ids["bos"]] = ids["bos"], ids["eos"]
+  eos = ids["eos"]
+  if target == "clip" and eos == LEGACY_CLIP_EOS:
+    other = next(i for i in (ids["bos"], ids["pad"], 0) if i is not None and i != eos)
+    perm[eos], perm[other] = other, eos
   return perm
 
 
@@ -50,11 +54,14 @@ def permute_spec(spec, perm, path):
   new = {int(old): new for new, old in enumerate(perm)}  # old id -> new id
   for t in spec.get("added_tokens") or []:
     t["id"] = new[t["id"]]
-  vocab = spec.get("model", {}).get("vocab")
+  model = spec.get("model", {})
+  vocab = model.get("vocab")
   if isinstance(vocab, dict):  # WordLevel, WordPiece, BPE
-    spec["model"]["vocab"] = {tok: new[i] for tok, i in vocab.items()}
+    model["vocab"] = {tok: new[i] for tok, i in vocab.items()}
   elif isinstance(vocab, list):  # Unigram: the id is the position
-    spec["model"]["vocab"] = [vocab[int(old)] for old in perm]
+    model["vocab"] = [vocab[int(old)] for old in perm]
+    if model.get("unk_id") is not None:
+      model["unk_id"] = new[model["unk_id"]]
   else:
     raise UserError(f"tokenizer '{path}' has a model type the exporter cannot renumber; "
                     "rebuild the data with an end token id other than 2")
@@ -72,18 +79,37 @@ def permute_spec(spec, perm, path):
   return spec
 
 
-def write_tokenizer(out, spec, target, max_len):
+def _unk_token(spec):
+  model = spec.get("model", {})
+  if model.get("type") == "Unigram":
+    unk = model.get("unk_id")
+    return None if unk is None else model["vocab"][unk][0]
+  return model.get("unk_token")
+
+
+def write_tokenizer(out, spec, target, max_len, ids):
+  """Writes tokenizer.json + tokenizer_config.json (and CLIP's vocab.json + merges.txt for a
+  byte-level BPE) into `out`; `ids` are the exported {'pad', 'bos', 'eos'} ids."""
   import tokenizers as hf
   from transformers import PreTrainedTokenizerFast
   backend = hf.Tokenizer.from_str(json.dumps(spec))
-  extra = {"unk_token": UNK} if backend.token_to_id(UNK) is not None else {}
+  names = {f"{k}_token": backend.id_to_token(i) for k, i in ids.items() if i is not None}
+  unk = _unk_token(spec)
+  if unk is not None and backend.token_to_id(unk) is not None:
+    names["unk_token"] = unk
   tok = PreTrainedTokenizerFast(
-      tokenizer_object=backend, pad_token=PAD, bos_token=BOS, eos_token=EOS,
-      model_max_length=max_len,
+      tokenizer_object=backend, model_max_length=max_len,
       # SigLIP's text tower attends to padding (it is trained padded to max_len, unmasked).
       model_input_names=["input_ids"] if target == "siglip" else ["input_ids", "attention_mask"],
-      **extra)
+      **names)
   tok.save_pretrained(out)
+  model = spec.get("model", {})
+  if model.get("type") == "BPE" and model.get("end_of_word_suffix") == "</w>":
+    # CLIP's own files too, for code that reads them (CLIPTokenizer, open_clip-style loaders).
+    vocab = dict(model["vocab"])
+    for t in spec.get("added_tokens") or []:
+      vocab.setdefault(t["content"], t["id"])
+    write_clip_files(vocab, model["merges"], out)
   return tok
 
 
@@ -100,12 +126,11 @@ def image_processor(target, size, mean, std):
 
 def write_processor(out, target, tokenizer_path, image_cfg, max_len):
   """Writes tokenizer and image-processor files; -> (perm new->old, exported special ids)."""
-  spec, ids, vocab_size = read_tokenizer(tokenizer_path)
+  spec, ids, vocab_size = read_tokenizer(tokenizer_path, max_len)
   perm = id_permutation(target, ids, vocab_size)
   spec = permute_spec(spec, perm, tokenizer_path)
-  tok = write_tokenizer(out, spec, target, max_len)
+  inverse = np.argsort(perm)  # old id -> new id
+  new_ids = {k: None if i is None else int(inverse[i]) for k, i in ids.items()}
+  write_tokenizer(out, spec, target, max_len, new_ids)
   image_processor(target, image_cfg.size, image_cfg.mean, image_cfg.std).save_pretrained(out)
-  new_ids = {"pad": tok.pad_token_id, "bos": tok.bos_token_id, "eos": tok.eos_token_id}
-  inverse = np.argsort(perm)
-  assert all(new_ids[k] == inverse[ids[k]] for k in ids), (new_ids, ids)
   return perm, new_ids

@@ -4,7 +4,8 @@
   image_emb [B, d], text_emb [B, d]       L2-normalised pooled embeddings
   image_tokens [B, Ni, d], image_mask     L2-normalised per-token embeddings (tokens=True only);
   text_tokens [B, Nt, d], text_mask       the same projection as the pooled vector, so FILIP
-                                           and export share it; padding is masked out
+                                           and export share it; the mask covers the tokens up to
+                                           and including the first end token (eos_id)
   image_special, text_special [B, N]       (tokens=True) the cls token (pool='cls') and the
                                            end token (first eos_id), for FILIP to leave out
   scale                                   exp(t), t the log-space temperature, capped at max_scale
@@ -69,9 +70,13 @@ class TwoTower(nn.Module):
     out = {"text_emb": l2_normalize(self.txt_proj(pooled))}
     if tokens:
       out["text_tokens"] = l2_normalize(self.txt_proj(x))
-      out["text_mask"] = text != self.pad_id
       is_eos = text == self.text.eos_id
-      out["text_special"] = is_eos & (jnp.cumsum(is_eos, axis=1) == 1)  # the first one only
+      eos_before = jnp.cumsum(is_eos, axis=1) - is_eos  # end tokens strictly before
+      # Up to and including the first end token: padding may be the end token itself (CLIP's
+      # BPE pads with <|endoftext|>, SentencePiece without a pad piece with </s>), so
+      # `text != pad_id` would drop it. Rows without one (not framed) drop only pad ids.
+      out["text_mask"] = (eos_before == 0) & ((text != self.pad_id) | is_eos)
+      out["text_special"] = is_eos & (eos_before == 0)  # the first one only
     return out
 
   def temperature(self):
