@@ -281,3 +281,24 @@ def test_bad_task_names_the_valid_ones(filip_run):
   from jaxret.eval.run import evaluate_workdir
   with pytest.raises(UserError, match="unknown eval task 'zeroshoot'.*zeroshot"):
     evaluate_workdir(filip_run[0], tasks=["zeroshoot"])
+
+
+def test_compare_table_of_single_and_multi_set_runs(tmp_path):
+  """`make demo`'s closing table: one row per run, one table per evaluation set."""
+  from jaxret.eval.compare import compare_table
+
+  def result(r1):
+    return {"similarity": "cosine", "num_pairs": 4, "num_captions": 8,
+            "i2t": {"R@1": r1, "R@5": 1.0}, "t2i": {"R@1": r1 / 2, "R@5": 1.0}}
+  (tmp_path / "a").mkdir()
+  (tmp_path / "a" / "eval.json").write_text(json.dumps(result(0.5)))
+  (tmp_path / "b").mkdir()
+  (tmp_path / "b" / "eval.json").write_text(json.dumps(
+      {"step": 3, "sets": {"coco": result(0.25), "f30k": result(0.75)}}))
+  single = compare_table([str(tmp_path / "a")]).splitlines()
+  assert single[0].startswith("held-out retrieval, 4 images, 8 captions (chance t2i R@1 = 25.00%)")
+  assert single[2].split() == ["a", "cosine", "50.0%", "100.0%", "25.0%", "100.0%"]
+  tables = compare_table([str(tmp_path / "b")]).split("\n\n")
+  assert [t.splitlines()[0].split(",")[0] for t in tables] == [
+      "held-out retrieval on coco", "held-out retrieval on f30k"]
+  assert tables[1].splitlines()[2].split()[2] == "75.0%"

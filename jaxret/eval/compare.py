@@ -1,22 +1,38 @@
 """`python -m jaxret.eval.compare RUN_DIR...`: one table of the final retrieval results of
-several runs (the end of `make demo`)."""
+several runs (the end of `make demo`); runs evaluated on several named sets (eval.sets) get
+one table per set."""
 import json
 import os
 import sys
 
 
+def _by_set(result):
+  """eval.json -> {set name (None: the one default set): its result}."""
+  return dict(result["sets"]) if "sets" in result else {None: result}
+
+
 def compare_table(workdirs):
-  rows = []
+  runs = []
   for w in workdirs:
     with open(os.path.join(w, "eval.json")) as f:
-      r = json.load(f)
-    rows.append((os.path.basename(os.path.normpath(w)), r))
+      runs.append((os.path.basename(os.path.normpath(w)), _by_set(json.load(f))))
+  names = list(dict.fromkeys(n for _, sets in runs for n in sets))
+  tables = [_table(name, [(run, sets[name]) for run, sets in runs if name in sets])
+            for name in names]
+  return "\n\n".join(t for t in tables if t)
+
+
+def _table(set_name, rows):
+  rows = [(run, r) for run, r in rows if "i2t" in r]  # retrieval may be off for a set
+  if not rows:
+    return ""
   keys = list(rows[0][1]["i2t"])
   n, captions = rows[0][1]["num_pairs"], rows[0][1].get("num_captions")
   head = (f"{'run':<16}{'scores':<18}" + "".join(f"{'i2t ' + k:>10}" for k in keys)
           + "".join(f"{'t2i ' + k:>10}" for k in keys))
   what = f"{n} images, {captions} captions" if captions else f"{n} image-caption pairs"
-  lines = [f"held-out retrieval, {what} (chance t2i R@1 = {100 / n:.2f}%)", head]
+  title = f"held-out retrieval{f' on {set_name}' if set_name else ''}, {what}"
+  lines = [f"{title} (chance t2i R@1 = {100 / n:.2f}%)", head]
   for name, r in rows:
     lines.append(f"{name:<16}{r.get('primary', r['similarity']):<18}"
                  + "".join(f"{100 * r['i2t'][k]:>9.1f}%" for k in keys)

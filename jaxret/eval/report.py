@@ -1,8 +1,9 @@
 """The printed table and eval.json of an evaluation result (see suite.py for its layout)."""
 import json
-import os
 
 import jax
+
+from jaxret import storage
 
 VARIANT_NAMES = {
     "pooled": "pooled cosine",
@@ -14,12 +15,34 @@ VARIANT_NAMES = {
 
 
 def format_table(result, title=None):
-  """Recall@K in percent, mean/median rank (1 = best) and rsum per scoring; zero-shot."""
-  keys = list(result["i2t"])
+  """Recall@K in percent, mean/median rank (1 = best) and rsum per scoring; zero-shot. A
+  result of several named sets is one such table per set, under its name."""
+  if "sets" in result:
+    return "\n\n".join(
+        format_table(r, title=f"evaluation of set '{name}' ('{r.get('data_dir')}' split "
+                              f"'{r['split']}') at step {r['step']}" + _counts(r))
+        for name, r in result["sets"].items())
+  lines = [title or (f"evaluation on '{result['split']}' at step {result['step']}"
+                     + _counts(result))]
+  if "i2t" in result:
+    lines += _retrieval_rows(result)
+  lines += _zeroshot_rows(result.get("zeroshot"))
+  for task, why in result.get("skipped", {}).items():
+    lines.append(f"{task} skipped: {why}")
+  return "\n".join(lines)
+
+
+def _counts(result):
   n_img, n_txt = result.get("num_images", result["num_pairs"]), result.get("num_captions")
-  lines = [title or (f"evaluation on '{result['split']}' at step {result['step']}: {n_img} images"
-                     + (f", {n_txt} captions" if n_txt else "")
-                     + f", primary scoring {result.get('primary', result['similarity'])}")]
+  out = f": {n_img} images" + (f", {n_txt} captions" if n_txt else "")
+  if "i2t" in result:
+    out += f", primary scoring {result.get('primary', result['similarity'])}"
+  return out
+
+
+def _retrieval_rows(result):
+  keys = list(result["i2t"])
+  lines = []
   variants = result.get("retrieval")
   if not variants:  # a bare retrieval result
     variants = {"": {"i2t": result["i2t"], "t2i": result["t2i"]}}
@@ -37,20 +60,23 @@ def format_table(result, title=None):
       same = v["same_rank_as_exact"]
       lines.append(f"{'':<15}rerank top-{v['k']}: same rank as exact for "
                    f"{100 * same['i2t']:.1f}% (i2t) / {100 * same['t2i']:.1f}% (t2i) of queries")
-  zs = result.get("zeroshot")
-  if zs:
-    lines.append(f"zero-shot, {zs['num_classes']} classes x {zs['num_templates']} templates"
-                 "  (chance in brackets)")
-    for view in ("scene", "item"):
-      if view in zs:
-        z = zs[view]
-        tops = [k for k in z if k.startswith("top")]
-        lines.append(f"  {view:<6}({z['num_images']} images) " + "  ".join(
-            f"{k} {100 * z[k]:.1f}% [{100 * z['chance'][k]:.1f}%]" for k in tops))
-  return "\n".join(lines)
+  return lines
+
+
+def _zeroshot_rows(zs):
+  if not zs:
+    return []
+  lines = [f"zero-shot, {zs['num_classes']} classes x {zs['num_templates']} templates"
+           "  (chance in brackets)"]
+  for view in ("image", "scene", "item"):
+    if view in zs:
+      z = zs[view]
+      tops = [k for k in z if k.startswith("top")]
+      lines.append(f"  {view:<6}({z['num_images']} images) " + "  ".join(
+          f"{k} {100 * z[k]:.1f}% [{100 * z['chance'][k]:.1f}%]" for k in tops))
+  return lines
 
 
 def write_result(workdir, result):
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "eval.json"), "w") as f:
-      json.dump(result, f, indent=2)
+    storage.write_text(storage.join(workdir, "eval.json"), json.dumps(result, indent=2))

@@ -4,6 +4,10 @@ Each class c gets the mean of the L2-normalised embeddings of its prompts (every
 filled with the class name), normalised again; an image is assigned the classes with the
 highest cosine to it.
 
+Data with one label per image (a class file or a TFDS source's label names, see
+jaxret/data/classes.py) is scored as one view:
+  image  the whole image; plain top-k accuracy.
+
 The demo's scenes hold two items, so two views are scored (both reported):
   scene  the whole image; top-k is a hit if any class present in the scene is among the k
          best (the multi-label "any item" reading; chance is reported beside it, since with
@@ -14,6 +18,12 @@ The demo's scenes hold two items, so two views are scored (both reported):
 import math
 
 import numpy as np
+
+# The prompts when eval.zeroshot_templates is (): the demo's captions read "a red sneaker in
+# the top left and ...", so its prompts name a cell; anything else gets OpenAI's ImageNet style.
+DEMO_TEMPLATES = ("a {}", "a {} in the top left", "a {} in the top right",
+                  "a {} in the bottom left", "a {} in the bottom right")
+DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
 
 def class_embeddings(embed_text, tokenizer, classes, templates):
