@@ -1,14 +1,16 @@
 """CLIP (Radford et al. 2021) with the published shapes and training recipe; the argument
-picks the variant:
+picks the variant (data.dir is local: a converted folder, or a bucket mounted with
+gcsfuse, as the TPU launcher does with DATA_BUCKET=BUCKET at /mnt/data):
 
   jaxret train --config configs/clip.py:b32 --workdir gs://BUCKET/clip_b32 \
-      --config.data.dir=gs://BUCKET/records
+      --config.data.dir=/mnt/data/records
   jaxret train --config configs/clip.py:b16 --workdir gs://BUCKET/clip_b16 ...
   jaxret train --config configs/clip.py:l14 --workdir gs://BUCKET/clip_l14 ...
   # on a TPU slice, with launch/tpu_pod.sh:
-  REPO=https://example.com/you/jaxret.git launch/tpu_pod.sh my-slice us-central2-b v4-256 -- \
+  REPO=https://example.com/you/jaxret.git DATA_BUCKET=BUCKET \
+  launch/tpu_pod.sh my-slice us-central2-b v4-256 -- \
       train --config configs/clip.py:l14 --workdir gs://BUCKET/clip_l14 \
-      --config.data.dir=gs://BUCKET/records
+      --config.data.dir=/mnt/data/records
 
 Image towers from the paper's Table 20 (ViT-B/32, B/16, L/14 at 224px); text: 12 layers,
 77 tokens, 512 wide with 8 heads (B) or 768 wide with 12 heads (L); embeddings 512 (B) or
@@ -31,6 +33,9 @@ def get_config(variant="b16"):
     raise ValueError(f"unknown CLIP variant {variant!r}; valid: {', '.join(VARIANTS)}")
   vit, text, embed_dim, lr = VARIANTS[variant]
   c = clip_towers(defaults(), vit, text, embed_dim)
+  # The vocabulary is the data's tokenizer's (OpenAI's BPE: 49,408); pin it with
+  # --config.model.text.vocab_size=49408 to have a different tokenizer refused.
+  c.model.text.vocab_size = 0
   c.model.update(dtype="bfloat16", remat="dots_no_batch", scan=True)
   c.batch_size = 32768
   c.total_steps = 390_000

@@ -1,9 +1,10 @@
 """FILIP (Yao et al. 2021): CLIP-style towers projected to a shared 256-dim space, token-wise
 late-interaction loss keeping each example's top 25% of tokens, texts sent in half precision,
-LAMB optimiser; the argument picks the variant:
+LAMB optimiser; the argument picks the variant (data.dir is local: a converted folder, or a bucket mounted with
+gcsfuse, as the TPU launcher does with DATA_BUCKET=BUCKET at /mnt/data):
 
   jaxret train --config configs/filip.py:b32 --workdir gs://BUCKET/filip_b32 \
-      --config.data.dir=gs://BUCKET/records
+      --config.data.dir=/mnt/data/records
   jaxret train --config configs/filip.py:l14 --workdir gs://BUCKET/filip_l14 ...
 
 b32: ViT-B/32 image tower, 12-layer causal text tower 512 wide. l14: ViT-L/14, text 768 wide.
@@ -22,6 +23,9 @@ def get_config(variant="b32"):
     raise ValueError(f"unknown FILIP variant {variant!r}; valid: {', '.join(VARIANTS)}")
   vit, text = VARIANTS[variant]
   c = clip_towers(defaults(), vit, text, embed_dim=256)
+  # The vocabulary is the data's tokenizer's (OpenAI's BPE: 49,408); pin it with
+  # --config.model.text.vocab_size=49408 to have a different tokenizer refused.
+  c.model.text.vocab_size = 0
   c.model.update(dtype="bfloat16", remat="dots_no_batch", scan=True)
   c.batch_size = 10240
   c.total_steps = 300_000

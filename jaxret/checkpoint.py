@@ -1,7 +1,8 @@
 """Orbax checkpoints of the train state together with the grain iterator state.
 
 Layout: WORKDIR/checkpoints/<step>/{state,data}. Saves are asynchronous (the train step
-goes on while the arrays are written) and keep the last `checkpoint.keep`.
+goes on while the arrays are written) and keep the last `checkpoint.keep`. WORKDIR may be a
+bucket (gs://...): orbax writes there itself (tensorstore for the arrays).
 """
 import contextlib
 import errno
@@ -12,13 +13,14 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from jaxret import storage
 from jaxret.errors import UserError
 from jaxret.param_rules import param_paths
 
 
 class Checkpointer:
   def __init__(self, workdir, *, every, keep, async_save=True):
-    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.directory = storage.join(storage.absolute(workdir), "checkpoints")  # or gs://...
     self.every = every
     self.manager = ocp.CheckpointManager(
         self.directory,
@@ -119,9 +121,9 @@ class Checkpointer:
       except UserError:
         raise
       except Exception as e:  # noqa: BLE001 - any failure to read means this step is unusable
-        aside = os.path.join(self.directory, f"{step}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+        aside = storage.join(self.directory, f"{step}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
         if jax.process_index() == 0:
-          os.replace(os.path.join(self.directory, str(step)), aside)
+          storage.rename(storage.join(self.directory, str(step)), aside)
         print(f"checkpoint step {step} in {self.directory} is unreadable "
               f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); moved it "
               f"to {aside} and falling back to the one before", flush=True)

@@ -105,33 +105,53 @@ def _parser():
   demo.add_argument("--num-test", type=int, default=1000)
   demo.add_argument("--source", default="auto", choices=("auto", "fashion-mnist", "digits"))
   demo.add_argument("--seed", type=int, default=0)
-  tt = dsub.add_parser("train-tokenizer", help="train a CLIP-style byte-level BPE on captions")
+  tt = dsub.add_parser("train-tokenizer", help="train a CLIP-style byte-level BPE (or a "
+                       "SentencePiece model) on captions")
   tt.add_argument("inputs", nargs="+", help="text files (one caption per line), or data dirs "
                   "(every caption of their train split)")
-  tt.add_argument("--out", required=True, help="tokenizer.json to write; with --clip-files "
-                  "also vocab.json + merges.txt next to it")
-  tt.add_argument("--vocab-size", type=int, default=49408)
-  tt.add_argument("--min-frequency", type=int, default=2)
+  tt.add_argument("--kind", default="bpe", choices=("bpe", "sentencepiece"),
+                  help="bpe: tokenizer.json; sentencepiece: a unigram .model (SigLIP's kind)")
+  tt.add_argument("--out", required=True, help="tokenizer.json (bpe; with --clip-files also "
+                  "vocab.json + merges.txt next to it) or NAME.model (sentencepiece) to write")
+  tt.add_argument("--vocab-size", type=int, default=None,
+                  help="at most this many tokens (default: 49408 bpe, 32000 sentencepiece)")
+  tt.add_argument("--min-frequency", type=int, default=2, help="bpe: rarest pair merged")
   tt.add_argument("--clip-files", action="store_true",
-                  help="also write CLIP's vocab.json + merges.txt layout")
-  cv = dsub.add_parser("convert", help="image folder + JSONL/CSV captions, or webdataset tars, "
-                       "to ArrayRecord shards + manifest (rerun to resume)")
-  cv.add_argument("--out", required=True)
-  cv.add_argument("--images", help="image folder (with --captions)")
-  cv.add_argument("--captions", help="JSONL or CSV of image path and caption(s)")
-  cv.add_argument("--tars", nargs="+", help="webdataset tar shards (image + .txt/.json)")
+                  help="bpe: also write CLIP's vocab.json + merges.txt layout")
+  cv = dsub.add_parser(
+      "convert", help="your image-text data to ArrayRecord shards + manifest: adds or replaces "
+      "a split of --out, keeps the others (rerun to resume)",
+      epilog="Caption layouts (--captions, detected from the content): JSONL or CSV rows of an "
+      "image path and caption(s); COCO captions_<split>.json; Karpathy dataset_coco.json / "
+      "dataset_flickr30k.json (every split in one go: train = Karpathy's train + restval, as "
+      "usual, then val and test); Flickr30k results.csv ('image_name| comment_number| "
+      "comment'). Later splits reuse the tokenizer of the first.")
+  cv.add_argument("--out", required=True, help="the data dir (may already hold other splits)")
+  cv.add_argument("--images", help="image folder the caption file's paths start from")
+  cv.add_argument("--captions", help="caption file: JSONL, CSV, COCO captions_*.json, Karpathy "
+                  "dataset_*.json or Flickr30k results.csv")
+  cv.add_argument("--karpathy", metavar="DATASET_JSON",
+                  help="Karpathy split file (dataset_coco.json, dataset_flickr30k.json): writes "
+                  "train (train + restval), val and test, or just --split")
+  cv.add_argument("--format", dest="caption_format", default="auto",
+                  choices=("auto", "jsonl", "csv", "coco", "karpathy", "flickr30k"),
+                  help="layout of --captions (default: detected)")
+  cv.add_argument("--tars", nargs="+", help="webdataset tar shards (image + .txt/.json), read as "
+                  "streams; .tar.gz too")
   cv.add_argument("--tfds", help="TFDS dataset name or prepared folder (ArrayRecord format)")
   cv.add_argument("--tfds-data-dir", help="TFDS data_dir holding --tfds NAME")
   cv.add_argument("--tfds-split", help="TFDS split to read (default: --split)")
   cv.add_argument("--image-key", help="TFDS image feature (default: the first image feature)")
   cv.add_argument("--caption-key", help="TFDS caption feature (default: the first text one)")
-  cv.add_argument("--split", default="train")
+  cv.add_argument("--split", default=None, help="the split to write (default: train; for a "
+                  "Karpathy file, all of its splits)")
   cv.add_argument("--image-size", type=int, default=224,
                   help="stored shorter side in pixels, aspect kept (training crops to "
-                  "model.image.size)")
-  cv.add_argument("--shard-size", type=int, default=1000, help="images per shard (folders)")
-  cv.add_argument("--tokenizer", help="tokenizer file/folder to ship (default: train a BPE "
-                  "on the captions)")
+                  "model.image.size); the same for every split of --out")
+  cv.add_argument("--shard-size", type=int, default=1000,
+                  help="images per shard (caption files, TFDS; a tar makes one shard)")
+  cv.add_argument("--tokenizer", help="tokenizer file/folder to ship (default: the data dir's, "
+                  "else train a BPE on the captions)")
   cv.add_argument("--vocab-size", type=int, default=49408, help="for the trained tokenizer")
   cv.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
   return p
@@ -199,15 +219,16 @@ def run(argv):
                source=args.source)
   elif args.command == "data" and args.data_command == "train-tokenizer":
     from jaxret.data.tokenizers import train_tokenizer_cli
-    train_tokenizer_cli(args.inputs, args.out, vocab_size=args.vocab_size,
+    train_tokenizer_cli(args.inputs, args.out, kind=args.kind, vocab_size=args.vocab_size,
                         min_frequency=args.min_frequency, clip_files=args.clip_files)
   elif args.command == "data" and args.data_command == "convert":
     from jaxret.data.convert import convert
     convert(args.out, split=args.split, images=args.images, captions=args.captions,
-            tars=args.tars, tfds=args.tfds, tfds_data_dir=args.tfds_data_dir,
-            tfds_split=args.tfds_split, image_key=args.image_key, caption_key=args.caption_key,
-            shard_size=args.shard_size, image_size=args.image_size,
-            tokenizer=args.tokenizer, workers=args.workers, vocab_size=args.vocab_size)
+            caption_format=args.caption_format, karpathy=args.karpathy, tars=args.tars,
+            tfds=args.tfds, tfds_data_dir=args.tfds_data_dir, tfds_split=args.tfds_split,
+            image_key=args.image_key, caption_key=args.caption_key, shard_size=args.shard_size,
+            image_size=args.image_size, tokenizer=args.tokenizer, workers=args.workers,
+            vocab_size=args.vocab_size)
 
 
 def main(argv=None):

@@ -132,10 +132,16 @@ def defaults() -> ml_collections.ConfigDict:
 
   c.checkpoint = dict(every=100, keep=3, async_save=True)
   # Evaluations (jaxret/eval/suite.py): run by `jaxret eval`, every eval_every steps and at
-  # the end of training.
+  # the end of training. Every task runs on any converted data; zeroshot is skipped, with one
+  # printed line, on a set that has no classes (see zeroshot_classes).
   c.eval = dict(
       batch_size=250, ks=(1, 5, 10),
       tasks=("retrieval", "hubness", "zeroshot"),
+      # Named evaluation sets, each reported under its name: ("NAME=DIR:SPLIT", ...), e.g.
+      # ("coco5k=/data/coco:test", "f30k=/data/f30k:test"); "NAME=DIR" takes data.eval_split,
+      # "NAME=:SPLIT" data.dir. (): the one set data.dir:data.eval_split, reported as before.
+      # Every set's captions are tokenized with the run's tokenizer (data.dir's).
+      sets=(),
       captions_per_image=0,          # 0: every caption of an image (COCO/Flickr protocol: 5)
       block_elements=1 << 24,        # scores held per query block (bounds memory)
       curve_max_k=50,                # Recall@K curve length saved for plots
@@ -145,9 +151,13 @@ def defaults() -> ml_collections.ConfigDict:
       hubness_beta=20.0,             # inverted-softmax temperature (QB-Norm's default)
       hubness_beta_gallery=20.0,     # DBNorm's gallery-bank temperature
       hubness_topk=1,                # QB-Norm activation set: bank queries' top-k items
-      # Demo-vocabulary prompts (captions read "a red sneaker in the top left and ...").
-      zeroshot_templates=("a {}", "a {} in the top left", "a {} in the top right",
-                          "a {} in the bottom left", "a {} in the bottom right"),
+      # Zero-shot classes: a text file, one class per line (`NAME` or `KEY<TAB>NAME`, KEY being
+      # what records' labels say); "": the data's own (the demo's manifest, a TFDS source's
+      # ClassLabel names). Records' labels: see jaxret/data/classes.py.
+      zeroshot_classes="",
+      # Prompts, "{}" standing for the class name; (): the demo's on the demo data ("a {} in
+      # the top left", ...), otherwise OpenAI's ImageNet style "a photo of a {}.".
+      zeroshot_templates=(),
       zeroshot_ks=(1, 5),
   )
   c.lock()
@@ -350,9 +360,48 @@ def validate(cfg):
   if cfg.optim.skip_nonfinite < 0:
     raise UserError(f"optim.skip_nonfinite must be 0 (stop at the first non-finite step) or N > 0 "
                     f"(skip such steps, stop after N in a row), got {cfg.optim.skip_nonfinite}")
+  parse_eval_sets(cfg.eval.sets)
+  check_local_data(cfg)
+  for t in cfg.eval.zeroshot_templates:
+    if not isinstance(t, str) or "{}" not in t:
+      raise UserError(f"eval.zeroshot_templates entry {t!r} has no '{{}}' for the class name, "
+                      "e.g. 'a photo of a {}.'")
   # Stored back in one form: JSON (config.json) turns the pairs into lists.
   cfg.optim.rules = check_param_rules(cfg.optim.rules, cfg.optim.decay_regex)
   cfg.mesh.rules = normalise_rules(cfg.mesh.rules, [k for k in cfg.mesh if k != "rules"])
+
+
+def check_local_data(cfg):
+  """ArrayRecord reads local files only: data in a bucket is read through a gcsfuse mount.
+  (Workdirs may be in a bucket; data dirs may not.)"""
+  dirs = [("data.dir", cfg.data.dir)] + [("data.mixture", m) for m in cfg.data.mixture] + \
+      [("eval.sets", d) for _, d, _ in parse_eval_sets(cfg.eval.sets)]
+  for key, path in dirs:
+    if "://" in str(path):
+      raise UserError(f"{key} '{path}' is in a bucket, but the data pipeline (ArrayRecord) reads "
+                      "local files only: mount the bucket with gcsfuse (`gcsfuse --implicit-dirs "
+                      "BUCKET /mnt/BUCKET`) and pass the mounted path, e.g. "
+                      "--config.data.dir=/mnt/BUCKET/records")
+
+
+def parse_eval_sets(entries):
+  """`eval.sets` -> [(name, dir, split)]; dir or split is "" where the entry leaves it to
+  data.dir or data.eval_split. Names become metric keys (eval/NAME/...) and file names."""
+  if isinstance(entries, str) or not isinstance(entries, (tuple, list)):
+    raise UserError(f"eval.sets must be a tuple of 'NAME=DIR:SPLIT' strings, got {entries!r}")
+  out = []
+  for entry in entries:
+    name, eq, where = str(entry).partition("=")
+    path, sep, split = where.rpartition(":")
+    if not sep or "/" in split:  # no split given (or the ':' was part of the path: gs://)
+      path, split = where, ""
+    if not eq or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or not (path or split):
+      raise UserError(f"eval.sets entry {entry!r}: write 'NAME=DIR:SPLIT' (NAME of letters, "
+                      "digits, '_', '.', '-'), e.g. 'coco5k=/data/coco:test'")
+    if name in [n for n, _, _ in out]:
+      raise UserError(f"eval.sets names '{name}' twice: give each set its own name")
+    out.append((name, path, split))
+  return out
 
 
 def check_param_rules(rules, decay_regex=".*"):

@@ -68,7 +68,9 @@ def check_components(cfg):
 class Experiment:
   """Everything a config builds before the first step (shared by train, eval and export)."""
 
-  def __init__(self, cfg, devices=None):
+  def __init__(self, cfg, devices=None, *, tokenizer_path=None, manifest=None):
+    """`tokenizer_path`, `manifest`: a run's own (its workdir's copies, see
+    workdir.run_tokenizer_path) instead of data.dir's."""
     check_components(cfg)
     self.cfg = cfg
     self.mesh = make_mesh(cfg.mesh, devices)
@@ -76,9 +78,9 @@ class Experiment:
     if cfg.batch_size % n or cfg.batch_size % p:
       raise UserError(f"batch_size {cfg.batch_size} must be divisible by the {n} batch-parallel "
                       f"devices and {p} processes; change --config.batch_size")
-    self.manifest = load_manifest(cfg.data.dir)
-    self.tokenizer = load_tokenizer(os.path.join(cfg.data.dir, self.manifest["tokenizer"]),
-                                    cfg.model.text.max_len)
+    self.manifest = manifest if manifest is not None else load_manifest(cfg.data.dir)
+    self.tokenizer_path = tokenizer_path or os.path.join(cfg.data.dir, self.manifest["tokenizer"])
+    self.tokenizer = load_tokenizer(self.tokenizer_path, cfg.model.text.max_len)
     want_vocab = cfg.model.text.vocab_size
     if want_vocab and want_vocab != self.tokenizer.vocab_size:
       raise UserError(f"model.text.vocab_size is {want_vocab} but the tokenizer of "

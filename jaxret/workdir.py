@@ -3,17 +3,23 @@ checkpoints' parameters, and `jaxret import-hf` folders (weights a fresh run sta
 
 Train, eval and export all open a workdir through here; none of them imports another to do it.
 """
+import datetime
 import json
 import math
 import os
+import shlex
 import shutil
+import subprocess
+import sys
+from importlib import metadata
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxret import config
+from jaxret import config, storage
 from jaxret.checkpoint import Checkpointer
+from jaxret.data.sources import MANIFEST, file_sha256, load_manifest, parse_mixture
 from jaxret.errors import UserError
 from jaxret.models.two_tower import scanned
 from jaxret.param_rules import param_paths, rule_setting
@@ -22,26 +28,24 @@ from jaxret.param_rules import param_paths, rule_setting
 # ---------------------------------------------------------------------------- the run's config
 
 def load_run_config(workdir):
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  path = storage.join(workdir, "config.json")
+  if not storage.exists(path):
     raise UserError(f"'{workdir}' holds no jaxret run (no config.json): pass the --workdir "
                     "that `jaxret train` wrote")
-  with open(path) as f:
-    return config.from_json(f.read())
+  return config.from_json(storage.read_text(path))
 
 
 def check_workdir_config(workdir, cfg):
   """Resuming with a changed key that alters the run is refused, naming the key (see
   config.RESUME_TAGS); the mesh may change only at the process count that wrote the run."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  path = storage.join(workdir, "config.json")
+  if not storage.exists(path):
     return
-  with open(path) as f:
-    saved = _leaves(json.loads(config.from_json(f.read()).to_json()))
+  saved = _leaves(json.loads(config.from_json(storage.read_text(path)).to_json()))
   new = _leaves(json.loads(cfg.to_json()))
   for key in sorted(set(saved) | set(new)):
     old, now = saved.get(key), new.get(key)
-    if old == now:
+    if old == now or _same_data_dir(key, old, now):
       continue
     tag = config.resume_tag(key)
     if tag == config.FIXED:
@@ -57,6 +61,35 @@ def check_workdir_config(workdir, cfg):
                         f"each process reads its own rows; keep {key}={old!r}")
 
 
+def absolute_data_dirs(cfg):
+  """data.dir, data.mixture's and eval.sets' folders and eval.zeroshot_classes made absolute
+  (a copy of `cfg`), so a run's saved config finds its data from any current directory."""
+  cfg = cfg.copy_and_resolve_references()
+  with cfg.unlocked():
+    cfg.data.dir = _absolute(cfg.data.dir)
+    cfg.data.mixture = tuple(f"{_absolute(d)}:{w!r}" for d, w in parse_mixture(cfg.data.mixture))
+    cfg.eval.sets = tuple(f"{name}={_absolute(d) if d else ''}{':' + split if split else ''}"
+                          for name, d, split in config.parse_eval_sets(cfg.eval.sets))
+    if cfg.eval.zeroshot_classes:
+      cfg.eval.zeroshot_classes = _absolute(cfg.eval.zeroshot_classes)
+  return cfg
+
+
+def _absolute(path):
+  return path if "://" in str(path) else os.path.abspath(path)
+
+
+def _same_data_dir(key, old, now):
+  """A run saved before data dirs were stored absolute names them relative to where it
+  started; the same folder reached from there is the same data."""
+  if key == "data.dir" and isinstance(old, str) and isinstance(now, str):
+    return _absolute(old) == _absolute(now)
+  if key == "data.mixture" and isinstance(old, list) and isinstance(now, list):
+    norm = lambda m: [(_absolute(d), w) for d, w in parse_mixture(m)]  # noqa: E731
+    return norm(old) == norm(now)
+  return False
+
+
 def _leaves(tree, prefix=""):
   out = {}
   for k, v in tree.items():
@@ -69,12 +102,12 @@ def _leaves(tree, prefix=""):
 
 def _process_count(workdir):
   """How many processes wrote the latest checkpoint (its data/process_<i>-of-<n>.json)."""
-  root = os.path.join(workdir, "checkpoints")
-  steps = sorted((int(s) for s in os.listdir(root) if s.isdigit()), reverse=True) \
-      if os.path.isdir(root) else []
+  root = storage.join(workdir, "checkpoints")
+  steps = sorted((int(s) for s in storage.listdir(root) if s.isdigit()), reverse=True) \
+      if storage.isdir(root) else []
   for step in steps:
-    names = os.listdir(os.path.join(root, str(step), "data")) \
-        if os.path.isdir(os.path.join(root, str(step), "data")) else []
+    data = storage.join(root, str(step), "data")
+    names = storage.listdir(data) if storage.isdir(data) else []
     for name in names:
       if name.startswith("process_") and "-of-" in name:
         return int(name.split("-of-")[1].split(".")[0])
@@ -82,8 +115,7 @@ def _process_count(workdir):
 
 
 def write_run_config(workdir, cfg):
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(cfg.to_json(indent=2))
+  storage.write_text(storage.join(workdir, "config.json"), cfg.to_json(indent=2))
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -233,3 +265,92 @@ def _check_pixel_statistics(path, image_cfg):
       raise UserError(f"model.init_from '{path}' was trained with model.image.{key}="
                       f"{tuple(image[key])} but this config has {tuple(image_cfg[key])}; set it "
                       "from its model.json")
+
+
+# ---------------------------------------------------------------------------- self-contained runs
+# A workdir carries what evaluation and export need besides its checkpoints, so neither reads
+# the training data's folder for it: a copy of the data's tokenizer, the data's manifest (split
+# names and sizes, zero-shot classes), and where the run came from.
+RUN_TOKENIZER_DIR = "tokenizer"        # <workdir>/tokenizer/<the manifest's tokenizer name>
+DATA_MANIFEST = "data_manifest.json"   # a copy of <data.dir>/manifest.json
+PROVENANCE = "provenance.json"         # {"starts": [one entry per `jaxret train` start]}
+# Packages whose versions decide what a run computes or how it reads its files.
+PROVENANCE_PACKAGES = ("jaxret", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain",
+                       "array-record", "numpy", "tokenizers", "sentencepiece", "pillow")
+
+
+def save_run_files(workdir, cfg, data_dir, manifest):
+  """Process 0, at every start of `jaxret train`: copies the tokenizer and manifest (first start
+  only: data.dir is fixed for a run) and adds a provenance entry."""
+  tok_src = os.path.join(data_dir, manifest["tokenizer"])
+  tok_dir = storage.join(workdir, RUN_TOKENIZER_DIR)  # the workdir may be gs://...
+  if not storage.exists(tok_dir):
+    name = os.path.basename(os.path.normpath(manifest["tokenizer"]))
+    if storage.is_remote(tok_dir):  # a bucket has no folder to swap in; objects appear whole
+      storage.copy(tok_src, storage.join(tok_dir, name))
+    else:
+      tmp = tok_dir + ".tmp"
+      if storage.exists(tmp):
+        storage.rmtree(tmp)
+      storage.copy(tok_src, storage.join(tmp, name))
+      storage.rename(tmp, tok_dir)
+  manifest_path = os.path.join(data_dir, MANIFEST)
+  if not storage.exists(storage.join(workdir, DATA_MANIFEST)):
+    _write_atomic(storage.join(workdir, DATA_MANIFEST), json.dumps(manifest, indent=2))
+  prov_path = storage.join(workdir, PROVENANCE)
+  prov = {"starts": []}
+  if storage.exists(prov_path):
+    prov = json.loads(storage.read_text(prov_path))
+  prov["starts"].append(_provenance(cfg, manifest_path))
+  _write_atomic(prov_path, json.dumps(prov, indent=2))
+
+
+def _provenance(cfg, manifest_path):
+  versions = {}
+  for name in PROVENANCE_PACKAGES:
+    try:
+      versions[name] = metadata.version(name)
+    except metadata.PackageNotFoundError:
+      pass
+  return {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+          "command": shlex.join(sys.argv), "jaxret_commit": _git_commit(),
+          "versions": versions, "python": sys.version.split()[0],
+          "data_dir": cfg.data.dir, "manifest_sha256": file_sha256(manifest_path),
+          "process_count": jax.process_count(), "device_kind": jax.devices()[0].device_kind,
+          "device_count": jax.device_count()}
+
+
+def _git_commit():
+  """The jaxret checkout's commit ('+dirty' with local changes), or None for an installed
+  package."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  try:
+    run = lambda *a: subprocess.run(["git", *a], cwd=here, capture_output=True, text=True,  # noqa: E731
+                                    timeout=10, check=True).stdout.strip()
+    commit = run("rev-parse", "HEAD")
+    return commit + ("+dirty" if run("status", "--porcelain", "--untracked-files=no") else "")
+  except (OSError, subprocess.SubprocessError):
+    return None
+
+
+def _write_atomic(path, text):
+  storage.write_text(path, text)
+
+
+def run_tokenizer_path(workdir, cfg):
+  """The run's own tokenizer: its copy in the workdir, else (runs from before the copy) the one
+  its data's manifest names."""
+  tok_dir = storage.join(workdir, RUN_TOKENIZER_DIR)
+  if storage.isdir(tok_dir):
+    names = storage.listdir(tok_dir)
+    if len(names) == 1:  # tokenizers read local files: a bucket's copy is downloaded
+      return storage.local_copy(storage.join(tok_dir, names[0]))
+  return os.path.join(cfg.data.dir, load_manifest(cfg.data.dir)["tokenizer"])
+
+
+def run_manifest(workdir, cfg):
+  """The run's data manifest: its copy in the workdir, else the data's own."""
+  path = storage.join(workdir, DATA_MANIFEST)
+  if storage.isfile(path):
+    return json.loads(storage.read_text(path))
+  return load_manifest(cfg.data.dir)

@@ -5,10 +5,10 @@
 # recreates it, reinstalls and restarts the command, which resumes from the workdir's last
 # checkpoint.
 #
-#   REPO=https://example.com/you/jaxret.git \
+#   REPO=https://example.com/you/jaxret.git DATA_BUCKET=BUCKET \
 #   launch/tpu_pod.sh my-slice us-central2-b v4-32 -- \
 #       train --config configs/siglip_b16.py --workdir gs://BUCKET/siglip_b16 \
-#       --config.data.dir=gs://BUCKET/records
+#       --config.data.dir=/mnt/data/records
 #   # a spot v5e slice that is brought back after preemptions, data read through gcsfuse:
 #   REPO=https://example.com/you/jaxret.git SPOT=1 DATA_BUCKET=BUCKET MOUNT=/mnt/data \
 #   launch/tpu_pod.sh --watch my-slice us-west4-a v5litepod-16 -- \

@@ -3,6 +3,14 @@ import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
+# Many tests (and the `jaxret` subprocesses they start, which inherit the environment) compile
+# the same tiny train step: JAX's persistent compilation cache, shared by the xdist workers,
+# compiles each once per suite run. Its keys hash the HLO, jaxlib and devices, so edits to
+# the code never reuse a stale entry.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    os.environ.get("TMPDIR", "/tmp"), f"jaxret-tests-xla-cache-{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 
@@ -20,6 +28,9 @@ TINY = [
     "model.text.mlp_dim=64", "batch_size=16", "total_steps=6", "log_every=1",
     "optim.warmup_steps=2", "checkpoint.every=2",
     "eval.batch_size=32",
+    # The hubness banks embed this many training records at every evaluation (default 5000:
+    # the whole 512-record train split here, the slowest part of a tiny run's evaluation).
+    "eval.hubness_bank=64",
 ]
 
 
@@ -41,3 +52,12 @@ def tiny_config(demo_dir):
     return load_config(os.path.join(ROOT, "configs", "demo.py") + ":" + loss,
                        TINY + [f"data.dir={demo_dir}", *overrides])
   return make
+
+
+@pytest.fixture(scope="session")
+def gcs_bucket():
+  """`gs://BUCKET` on a local GCS server started for this session (tests/gcs_emulator.py); every
+  client here and in subprocesses finds it through the environment, set until the end."""
+  from gcs_emulator import gcs_server
+  with gcs_server() as bucket:
+    yield bucket

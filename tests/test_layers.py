@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Lowest first. A module matches the first pattern that fits; a new module must be placed here.
 LAYERS = [
-    ("base", r"jaxret\.(errors|config|param_rules|hugepages)"),
+    ("base", r"jaxret\.(errors|config|param_rules|hugepages|storage)"),
     ("stages", r"jaxret\.(models|losses|data|parallel)(\..*)?|jaxret\.optim"),
     ("run", r"jaxret\.(experiment|workdir|checkpoint|lock)"),
     ("uses", r"jaxret\.(train|eval|export|inference)(\..*)?"),

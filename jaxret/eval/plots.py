@@ -1,11 +1,13 @@
 """PNG plots of a workdir: Recall@K curves (eval.json) and training curves (metrics.jsonl).
 
 `jaxret plot --workdir DIR` (re)writes DIR/plots/recall_at_k.png and DIR/plots/training.png;
-`jaxret eval` writes them too.
+`jaxret eval` writes them too. With named evaluation sets (eval.sets) each set gets its own
+recall_at_k_NAME.png, and training.png draws each set's R@1 and zero-shot top-1 under its name.
 """
+import io
 import json
-import os
 
+from jaxret import storage
 from jaxret.errors import UserError
 from jaxret.eval.report import VARIANT_NAMES
 
@@ -15,6 +17,15 @@ def _pyplot():
   matplotlib.use("Agg")  # files only; no display on training machines
   import matplotlib.pyplot as plt
   return plt
+
+
+def recall_plots(result, out_dir):
+  """-> [(result of one set, path of its PNG)]: recall_at_k.png, or one per named set."""
+  if "sets" in result:
+    return [({**r, "set": name}, storage.join(out_dir, f"recall_at_k_{name}.png"))
+            for name, r in result["sets"].items() if r.get("retrieval")]
+  # results written before multi-caption eval have no curves
+  return [(result, storage.join(out_dir, "recall_at_k.png"))] if result.get("retrieval") else []
 
 
 def recall_curves(result, path):
@@ -31,10 +42,13 @@ def recall_curves(result, path):
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
   axes[0].set_ylabel("Recall@K (%)")
-  fig.suptitle(f"retrieval on '{result['split']}' at step {result['step']}: "
+  where = f"'{result['split']}'"
+  if "set" in result:
+    where = f"set '{result['set']}' ('{result['data_dir']}' split {where})"
+  fig.suptitle(f"retrieval on {where} at step {result['step']}: "
                f"{result.get('num_images')} images, {result.get('num_captions')} captions")
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  _save(fig, path)
   plt.close(fig)
 
 
@@ -52,8 +66,10 @@ def training_curves(rows, path):
   ax.grid(True, alpha=0.3)
   ax.set_title("training loss")
   ax = axes[1]
-  keys = [k for k in ("eval/i2t_R@1", "eval/t2i_R@1", "eval/i2t_R@5", "eval/t2i_R@5",
-                      "eval/zeroshot_item/top1", "eval/zeroshot_scene/top1")
+  shown = ("i2t_R@1", "t2i_R@1", "i2t_R@5", "t2i_R@5", "zeroshot_image/top1",
+           "zeroshot_item/top1", "zeroshot_scene/top1")
+  keys = [k for k in [f"eval/{x}" for x in shown]
+          + [f"eval/{n}/{x}" for n in _set_names(evals) for x in shown if "@5" not in x]
           if any(k in r for r in evals)]
   for k in keys:
     pts = [(r["step"], 100 * r[k]) for r in evals if k in r]
@@ -68,33 +84,52 @@ def training_curves(rows, path):
   if keys:
     ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  _save(fig, path)
   plt.close(fig)
+
+
+def _set_names(rows):
+  """The named sets of metric rows, in order: eval/NAME/i2t_R@1 or eval/NAME/zeroshot_V/top1
+  (eval/pooled/i2t_R@1 is a scoring of the unnamed set, eval/zeroshot_item/top1 its zero-shot)."""
+  names = {}
+  for r in rows:
+    for k in r:
+      p = k.split("/")
+      if p[0] == "eval" and ((len(p) == 3 and p[2] == "i2t_R@1")
+                             or (len(p) == 4 and p[2].startswith("zeroshot_"))):
+        names.setdefault(p[1])
+  return [n for n in names if n not in VARIANT_NAMES]
+
+
+def _save(fig, path):
+  """PNG bytes to `path`, local or in a bucket (matplotlib writes local files only)."""
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=110)
+  storage.write_bytes(path, buf.getvalue())
 
 
 def plot_workdir(workdir):
   """-> paths of the PNGs written under workdir/plots."""
-  out_dir = os.path.join(workdir, "plots")
+  out_dir = storage.join(workdir, "plots")
   written = []
-  eval_path, metrics_path = (os.path.join(workdir, n) for n in ("eval.json", "metrics.jsonl"))
-  if not os.path.exists(eval_path) and not os.path.exists(metrics_path):
+  eval_path, metrics_path = (storage.join(workdir, n) for n in ("eval.json", "metrics.jsonl"))
+  has_eval, has_metrics = storage.exists(eval_path), storage.exists(metrics_path)
+  if not has_eval and not has_metrics:
     raise UserError(f"'{workdir}' has neither eval.json nor metrics.jsonl: pass the --workdir "
                     "that `jaxret train` or `jaxret eval` wrote")
-  os.makedirs(out_dir, exist_ok=True)
-  if os.path.exists(eval_path):
-    with open(eval_path) as f:
-      result = json.load(f)
-    if result.get("retrieval"):  # results written before multi-caption eval have no curves
-      written.append(os.path.join(out_dir, "recall_at_k.png"))
-      recall_curves(result, written[-1])
-  if os.path.exists(metrics_path):
+  storage.makedirs(out_dir)
+  if has_eval:
+    result = json.loads(storage.read_text(eval_path))
+    for one, path in recall_plots(result, out_dir):
+      written.append(path)
+      recall_curves(one, path)
+  if has_metrics:
     rows = []
-    with open(metrics_path) as f:
-      for line in f:
-        try:
-          rows.append(json.loads(line))
-        except ValueError:  # a line torn by a killed run (the writer drops it on resume)
-          continue
-    written.append(os.path.join(out_dir, "training.png"))
+    for line in storage.read_text(metrics_path).splitlines():
+      try:
+        rows.append(json.loads(line))
+      except ValueError:  # a line torn by a killed run (the writer drops it on resume)
+        continue
+    written.append(storage.join(out_dir, "training.png"))
     training_curves(rows, written[-1])
   return written

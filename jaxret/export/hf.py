@@ -14,11 +14,13 @@ import tempfile
 import jax
 import numpy as np
 
+from jaxret import storage
 from jaxret.errors import UserError
 from jaxret.export import convert, processor, targets
 from jaxret.models.two_tower import unscanned
 from jaxret.param_rules import param_paths
-from jaxret.workdir import check_out_dir, load_run_config, restore_params
+from jaxret.workdir import (check_out_dir, load_run_config, restore_params, run_manifest,
+                            run_tokenizer_path)
 
 
 def flatten(params):
@@ -94,20 +96,24 @@ def restore_on_cpu(workdir, step=None):
   cfg = load_run_config(workdir)
   # Checks that need no arrays come first, so a bad request restores nothing.
   targets.check_exportable(cfg.model)
-  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+  if not storage.isdir(storage.join(workdir, "checkpoints")):
     raise UserError(f"'{workdir}' has no checkpoints yet: train first, or pick another workdir")
   with cfg.unlocked():
     cfg.mesh.update(data=1, fsdp=1, tensor=1)  # orbax reshards onto the one device
     cfg.batch_size = 1
-  exp = Experiment(cfg, devices=jax.devices("cpu")[:1])
+  # The workdir's own tokenizer and manifest: export does not need the training data.
+  exp = Experiment(cfg, devices=jax.devices("cpu")[:1], manifest=run_manifest(workdir, cfg),
+                   tokenizer_path=run_tokenizer_path(workdir, cfg))
   params, step = restore_params(exp.abstract_state, workdir, step)
-  tokenizer = os.path.join(cfg.data.dir, exp.manifest["tokenizer"])
-  return cfg, params, step, tokenizer
+  return cfg, params, step, exp.tokenizer_path
 
 
 def export_workdir(workdir, out, *, step=None, overwrite=False):
   """`jaxret export`: a workdir's checkpoint -> transformers folder at `out`."""
-  workdir = os.path.abspath(workdir)
+  workdir = storage.absolute(workdir)  # may be gs://...; `out` is a local folder
+  if storage.is_remote(out):
+    raise UserError(f"--out '{out}': export writes a local folder; write it locally, then copy "
+                    "it to the bucket (`gcloud storage cp -r OUT gs://...`)")
   check_out_dir(out, overwrite)
   cfg, params, step, tokenizer = restore_on_cpu(workdir, step)
   target = export_params(cfg.model, params, tokenizer, out, overwrite=overwrite)

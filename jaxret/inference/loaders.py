@@ -14,8 +14,7 @@ import os
 import jax
 import numpy as np
 
-from jaxret import config
-from jaxret.data.sources import load_manifest
+from jaxret import config, storage
 from jaxret.data.tokenizers import load_tokenizer
 from jaxret.errors import UserError
 from jaxret.experiment import dummy_inputs, state_shardings
@@ -25,7 +24,7 @@ from jaxret.models.two_tower import build_model, scanned
 from jaxret.optim import make_optimizer
 from jaxret.parallel import partitioning
 from jaxret.parallel.mesh import make_mesh
-from jaxret.workdir import load_imported, load_run_config, restore_params
+from jaxret.workdir import load_imported, load_run_config, restore_params, run_tokenizer_path
 
 OWN_TOKENIZERS = ("tokenizer.json", "tokenizer.model")
 
@@ -40,9 +39,12 @@ def load(path, step=None, *, batch_size=64, devices=None):
                     "steps belong to workdirs")
   mesh = make_mesh({"data": -1, "fsdp": 1, "tensor": 1},
                    devices if devices is not None else jax.local_devices())
-  opts = dict(batch_size=batch_size, path=os.path.abspath(path))
+  opts = dict(batch_size=batch_size, path=storage.absolute(path))
   if kind == "workdir":
     return _load_workdir(path, step, mesh, opts)
+  if storage.is_remote(path):
+    raise UserError(f"model '{path}': only workdirs load from a bucket; copy the {kind} folder "
+                    "to local disk (`gcloud storage cp -r`) and load that")
   if kind == "transformers":
     from jaxret.export.hf_import import import_hf
     updates, params, tok_file = import_hf(path)
@@ -55,21 +57,21 @@ def load(path, step=None, *, batch_size=64, devices=None):
 
 def folder_kind(path):
   """'workdir', 'transformers' or 'import-hf'; a UserError naming the three otherwise."""
-  if not os.path.isdir(path):
+  if not storage.isdir(path):
     raise UserError(f"model '{path}' not found: pass a workdir, a `jaxret export` folder or a "
                     "`jaxret import-hf` folder")
-  if os.path.isdir(os.path.join(path, "params")) and os.path.isfile(os.path.join(path, "model.json")):
+  if storage.isdir(storage.join(path, "params")) and \
+      storage.isfile(storage.join(path, "model.json")):
     return "import-hf"
-  cfg = os.path.join(path, "config.json")
-  if os.path.isfile(cfg):
-    with open(cfg) as f:
-      try:
-        saved = json.load(f)
-      except json.JSONDecodeError as e:
-        raise UserError(f"'{cfg}' is not valid JSON ({e})") from None
+  cfg = storage.join(path, "config.json")
+  if storage.isfile(cfg):
+    try:
+      saved = json.loads(storage.read_text(cfg))
+    except json.JSONDecodeError as e:
+      raise UserError(f"'{cfg}' is not valid JSON ({e})") from None
     if "model_type" in saved:
       return "transformers"
-    if os.path.isdir(os.path.join(path, "checkpoints")):
+    if storage.isdir(storage.join(path, "checkpoints")):
       return "workdir"
     raise UserError(f"workdir '{path}' has no checkpoints yet: train first, or pick another")
   raise UserError(f"'{path}' is not a jaxret model: expected a workdir (config.json + "
@@ -78,12 +80,13 @@ def folder_kind(path):
 
 
 def workdir_tokenizer(workdir, cfg):
-  """The workdir's own tokenizer file if it has one, else the one its data's manifest names."""
+  """The run's own tokenizer (workdir.run_tokenizer_path); a tokenizer.json / tokenizer.model
+  saved by hand in the workdir's root wins."""
   for name in OWN_TOKENIZERS:
-    own = os.path.join(workdir, name)
-    if os.path.isfile(own):
-      return own
-  return os.path.join(cfg.data.dir, load_manifest(cfg.data.dir)["tokenizer"])
+    own = storage.join(workdir, name)
+    if storage.isfile(own):
+      return storage.local_copy(own)  # tokenizers read local files
+  return run_tokenizer_path(workdir, cfg)
 
 
 def _load_workdir(workdir, step, mesh, opts):

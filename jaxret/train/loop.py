@@ -4,12 +4,12 @@ Rerunning the same command on the same workdir resumes from the latest checkpoin
 data iterator exactly where it was.
 """
 import contextlib
-import os
 import time
 
 import jax
 import tqdm
 
+from jaxret import storage
 from jaxret.checkpoint import Checkpointer
 from jaxret.data.pipeline import skipped_total, train_iterator
 from jaxret.data.sources import parse_mixture
@@ -24,7 +24,8 @@ from jaxret.train.health import Health
 from jaxret.train.preemption import PreemptionGuard
 from jaxret.train.step import make_train_step
 from jaxret.train.writers import MetricWriter
-from jaxret.workdir import check_workdir_config, load_initial_params, write_run_config
+from jaxret.workdir import (absolute_data_dirs, check_workdir_config, load_initial_params,
+                            save_run_files, write_run_config)
 
 
 def train_augment(data_cfg):
@@ -48,9 +49,10 @@ def train(cfg, workdir, *, stop_after_step=None, progress=True, devices=None):
   SIGTERM/SIGINT/SIGUSR1 save the current step and raise errors.Preempted; a non-finite loss
   or gradient raises health.Diverged with the latest checkpoint untouched.
   """
-  workdir = os.path.abspath(workdir)
+  workdir = storage.absolute(workdir)  # local, or a bucket (gs://...)
+  cfg = absolute_data_dirs(cfg)
   exp = Experiment(cfg, devices)
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   # One trainer per workdir: process 0 holds the lock for the whole job.
   lock = WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
   with lock, PreemptionGuard() as guard:
@@ -59,6 +61,7 @@ def train(cfg, workdir, *, stop_after_step=None, progress=True, devices=None):
 
 def _train(exp, cfg, workdir, guard, stop_after_step, progress):
   check_workdir_config(workdir, cfg)
+  evaluate = build_evaluator(exp)  # checks every eval set's data now, before any step
   ckpt = Checkpointer(workdir, every=cfg.checkpoint.every, keep=cfg.checkpoint.keep,
                       async_save=cfg.checkpoint.async_save)
   data = train_iterator(cfg.data.dir, batch_size=cfg.batch_size // jax.process_count(),
@@ -77,6 +80,7 @@ def _train(exp, cfg, workdir, guard, stop_after_step, progress):
           cfg.model.image, rules=cfg.optim.rules, fresh=state.params))
   if jax.process_index() == 0:
     write_run_config(workdir, cfg)
+    save_run_files(workdir, cfg, cfg.data.dir, exp.manifest)
     if start:
       print(f"resuming {workdir} from step {start}", flush=True)
 
@@ -84,7 +88,6 @@ def _train(exp, cfg, workdir, guard, stop_after_step, progress):
   step_fn = make_train_step(exp.model, exp.loss, exp.tx, exp.schedule, exp.mesh, exp.state_sh,
                             cfg.optim.grad_accum_steps, rules=exp.rules,
                             frozen=param_setting(cfg.optim, exp.abstract_state.params, "frozen"))
-  evaluate = build_evaluator(exp)
   bar = tqdm.tqdm(total=cfg.total_steps, initial=start, disable=not progress or
                   jax.process_index() != 0, desc=f"train {cfg.loss.name}", unit="step",
                   dynamic_ncols=True)
@@ -136,7 +139,11 @@ def _train(exp, cfg, workdir, guard, stop_after_step, progress):
 
 
 def _eval_scalars(result):
-  """The primary Recall@K as eval/{i2t,t2i}_R@K; every scoring and zero-shot view below it."""
+  """The primary Recall@K as eval/{i2t,t2i}_R@K; every scoring and zero-shot view below it;
+  named sets' the same below eval/NAME/."""
+  if "sets" in result:
+    return {f"eval/{name}/{k[len('eval/'):]}": v for name, r in result["sets"].items()
+            for k, v in _eval_scalars(r).items()}
   out = {f"eval/{d}_{k}": v for d in ("i2t", "t2i") if d in result for k, v in result[d].items()}
   for name, v in result.get("retrieval", {}).items():
     out[f"eval/{name}/rsum"] = v["rsum"]
