@@ -63,16 +63,19 @@ def prepare_image(data, size, draft=True):
   center-crops). `draft=False` decodes large JPEGs at full size (only to compare)."""
   try:
     with Image.open(io.BytesIO(data)) as im:
+      resample = Image.BICUBIC
       if draft and im.format == "JPEG" and min(im.size) >= 2 * size:
-        # The decoder scales by 1/2, 1/4 or 1/8 while keeping both sides >= size.
+        # The decoder scales by 1/2, 1/4 or 1/8 while keeping both sides >= size; what is
+        # left is a downscale by less than 2, where bilinear (PIL's, antialiased) is as close
+        # to the full decode's bicubic as bicubic is (tests/test_data_formats.py) and faster.
         im.draft("RGB", (size, size))
+        resample = Image.BILINEAR
       im.load()  # Decode now: a truncated file fails here.
       im = transforms.to_rgb(im)
       w, h = im.size
       if min(w, h) != size:
         scale = size / min(w, h)
-        im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))),
-                       Image.BICUBIC)
+        im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), resample)
       buf = io.BytesIO()
       im.save(buf, "JPEG", quality=95)
       return buf.getvalue()
