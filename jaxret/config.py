@@ -88,6 +88,9 @@ def defaults() -> ml_collections.ConfigDict:
       # Memory and speed: compute dtype (params and optimizer state stay float32), per-block
       # rematerialisation policy (see models/layers.py REMAT_POLICIES), nn.scan over layers.
       dtype="float32", remat="none", scan=False,
+      # How the encoders' attention product is computed (the params are the same for all):
+      # "xla" anywhere, "cudnn" flash attention on GPU (bfloat16), "splash" Pallas kernel on TPU.
+      attention="xla",
       # A folder written by `jaxret import-hf`: a fresh run starts from those weights.
       init_from="",
       # mean/std: per-channel pixel normalisation the weights expect (0.5: pixels in [-1, 1]).

@@ -13,7 +13,7 @@ from jaxret import config, losses
 from jaxret.data.sources import load_manifest, parse_mixture
 from jaxret.data.tokenizers import load_tokenizer
 from jaxret.errors import UserError, did_you_mean
-from jaxret.models import text as text_mod, vit
+from jaxret.models import attention, text as text_mod, vit
 from jaxret.models.layers import ACTIVATIONS, LOGICAL_AXES, REMAT_POLICIES
 from jaxret.models.two_tower import build_model
 from jaxret.optim import OPTIMIZERS, make_optimizer
@@ -43,6 +43,10 @@ def check_components(cfg):
     raise UserError(f"unknown model.remat '{cfg.model.remat}'"
                     f"{did_you_mean(cfg.model.remat, REMAT_POLICIES)}; valid: "
                     f"{', '.join(REMAT_POLICIES)}")
+  if cfg.model.attention not in attention.IMPLEMENTATIONS:
+    raise UserError(f"unknown model.attention '{cfg.model.attention}'"
+                    f"{did_you_mean(cfg.model.attention, attention.IMPLEMENTATIONS)}; valid: "
+                    f"{', '.join(attention.IMPLEMENTATIONS)}")
   if cfg.model.act not in ACTIVATIONS:
     raise UserError(f"unknown model.act '{cfg.model.act}'{did_you_mean(cfg.model.act, ACTIVATIONS)}"
                     f"; valid: {', '.join(ACTIVATIONS)}")
@@ -74,6 +78,10 @@ class Experiment:
     check_components(cfg)
     self.cfg = cfg
     self.mesh = make_mesh(cfg.mesh, devices)
+    # Training refuses an attention these devices lack (check_attention, called by the trainer
+    # before any compile); evaluation and export compute with xla instead: same parameters.
+    self.platform = self.mesh.devices.flat[0].platform
+    self.attention = attention.for_platform(cfg.model.attention, self.platform, cfg.model.dtype)
     n, p = batch_parallelism(self.mesh), jax.process_count()
     if cfg.batch_size % n or cfg.batch_size % p:
       raise UserError(f"batch_size {cfg.batch_size} must be divisible by the {n} batch-parallel "
@@ -87,7 +95,8 @@ class Experiment:
                       f"'{cfg.data.dir}' has {self.tokenizer.vocab_size}; set it to 0 (from the "
                       "tokenizer) or use the matching data")
     self.model = build_model(cfg.model, vocab_size=self.tokenizer.vocab_size,
-                             pad_id=self.tokenizer.pad_id, eos_id=self.tokenizer.eos_id)
+                             pad_id=self.tokenizer.pad_id, eos_id=self.tokenizer.eos_id,
+                             attention=self.attention)
     self.loss = losses.get_loss(cfg.loss.name, cfg.loss)
     self.tx, self.schedule = make_optimizer(cfg.optim, cfg.total_steps)
     # Tracing the model (train step, init, embedding) needs these with the mesh:
@@ -95,6 +104,10 @@ class Experiment:
     self.rules = cfg.mesh.rules
     self.abstract_state, self.state_sh = state_shardings(self.model, self.tx, self.mesh,
                                                          cfg.model.image.size, self.rules)
+
+  def check_attention(self):
+    """For training: one line refusing a `model.attention` these devices lack."""
+    attention.check_backend(self.cfg.model.attention, self.platform, self.cfg.model.dtype)
 
 
 @flax.struct.dataclass

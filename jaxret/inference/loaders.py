@@ -20,6 +20,7 @@ from jaxret.errors import UserError
 from jaxret.experiment import dummy_inputs, state_shardings
 from jaxret.inference.model import Model
 from jaxret.losses import get_loss
+from jaxret.models.attention import for_platform
 from jaxret.models.two_tower import build_model, scanned
 from jaxret.optim import make_optimizer
 from jaxret.parallel import partitioning
@@ -92,7 +93,11 @@ def workdir_tokenizer(workdir, cfg):
 def _load_workdir(workdir, step, mesh, opts):
   cfg = load_run_config(workdir)
   tok = load_tokenizer(workdir_tokenizer(workdir, cfg), cfg.model.text.max_len)
-  model = build_model(cfg.model, vocab_size=tok.vocab_size, pad_id=tok.pad_id, eos_id=tok.eos_id)
+  # The run's attention where these devices have it, else xla (same parameters).
+  attention = for_platform(cfg.model.get("attention", "xla"), mesh.devices.flat[0].platform,
+                           cfg.model.dtype)
+  model = build_model(cfg.model, vocab_size=tok.vocab_size, pad_id=tok.pad_id, eos_id=tok.eos_id,
+                      attention=attention)
   # The checkpoint holds the whole train state: restore it into this mesh (orbax reshards),
   # keep the parameters.
   tx, _ = make_optimizer(cfg.optim, cfg.total_steps)

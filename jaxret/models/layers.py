@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxret.models.attention import attend
+
 Dtype = Any
 
 # The logical axis names the models use, the vocabulary of `mesh.rules` (a rule for any other
@@ -47,12 +49,16 @@ def layer_norm(eps, name, dtype=None):
 
 
 class Attention(nn.Module):
-  """Multi-head attention with per-head q/k/v kernels [D, H, Dh] and out kernel [H, Dh, D]."""
+  """Multi-head attention with per-head q/k/v kernels [D, H, Dh] and out kernel [H, Dh, D].
+  `kv_mask` [B, Lk]: True for the keys to attend to; `implementation`: see models/attention.py
+  (the parameters are the same whichever computes the product)."""
   num_heads: int
   dtype: Dtype = jnp.float32
+  causal: bool = False
+  implementation: str = "xla"
 
   @nn.compact
-  def __call__(self, x_q, x_kv, mask=None):
+  def __call__(self, x_q, x_kv, kv_mask=None):
     d = x_q.shape[-1]
     if d % self.num_heads:
       raise ValueError(f"width {d} is not divisible by num_heads {self.num_heads}")
@@ -73,11 +79,7 @@ class Attention(nn.Module):
     k = jnp.einsum("bld,dhk->blhk", x_kv.astype(self.dtype), wk) + bk
     v = jnp.einsum("bld,dhk->blhk", x_kv.astype(self.dtype), wv) + bv
     q = nn.with_logical_constraint(q, ("act_batch", "act_length", "act_heads", "act_kv"))
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)
-    if mask is not None:
-      logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    out = attend(q, k, v, causal=self.causal, kv_mask=kv_mask, implementation=self.implementation)
     wo = self.param("out_kernel", logical(
         nn.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2), ("heads", "kv", "embed")),
         (self.num_heads, dh, d))
@@ -110,11 +112,15 @@ class Block(nn.Module):
   act: str = "gelu_tanh"
   ln_eps: float = 1e-5
   dtype: Dtype = jnp.float32
+  causal: bool = False
+  attention: str = "xla"
 
   @nn.compact
   def __call__(self, x, mask=None):
+    """mask [B, L]: True for the tokens to attend to (None: all)."""
     y = layer_norm(self.ln_eps, "ln1", self.dtype)(x)
-    x = x + Attention(self.num_heads, self.dtype, name="attn")(y, y, mask)
+    x = x + Attention(self.num_heads, self.dtype, self.causal, self.attention, name="attn")(
+        y, y, mask)
     x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
     y = layer_norm(self.ln_eps, "ln2", self.dtype)(x)
     x = x + Mlp(self.mlp_dim, self.act, self.dtype, name="mlp")(y)
@@ -142,7 +148,8 @@ class _ScanLayer(nn.Module):
 class Encoder(nn.Module):
   """`depth` pre-LN blocks, as a Python loop (params blockNN/...) or under `nn.scan` (params
   layers/block/... with a leading [depth] axis: one compiled body, faster compiles for deep
-  models). `remat` names the policy for recomputing each block in the backward pass."""
+  models). `remat` names the policy for recomputing each block in the backward pass; `causal`
+  and `attention` (the implementation, models/attention.py) go to every block's attention."""
   depth: int
   num_heads: int
   mlp_dim: int
@@ -151,6 +158,8 @@ class Encoder(nn.Module):
   dtype: Dtype = jnp.float32
   remat: str = "none"
   scan: bool = False
+  causal: bool = False
+  attention: str = "xla"
 
   @nn.compact
   def __call__(self, x, mask=None):
@@ -162,7 +171,7 @@ class Encoder(nn.Module):
       # Under scan the loop already separates iterations, so CSE prevention is not needed.
       block = nn.remat(Block, policy=policy, prevent_cse=not self.scan)
     make = functools.partial(block, self.num_heads, self.mlp_dim, self.act, self.ln_eps,
-                             self.dtype)
+                             self.dtype, self.causal, self.attention)
     if self.scan:
       layers = nn.scan(_ScanLayer, variable_axes={"params": 0}, split_rngs={"params": True},
                        in_axes=nn.broadcast, length=self.depth,
@@ -200,10 +209,13 @@ class MAPHead(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask: Optional[jax.Array] = None):
+    """mask [B, N]: True for the tokens the probe may attend to (None: all)."""
     d = x.shape[-1]
     probe = self.param("probe", logical(nn.initializers.xavier_uniform(), (None, None, "embed")),
                        (1, 1, d))
     probe = jnp.broadcast_to(probe.astype(self.dtype), (x.shape[0], 1, d))
+    # Always xla: one query against N keys is a matrix-vector product that flash kernels do
+    # not speed up (and splash's tiles would pad the single query to 128).
     x = Attention(self.num_heads, self.dtype, name="attn")(probe, x, mask)
     y = layer_norm(self.ln_eps, "ln", self.dtype)(x)
     x = x + Mlp(self.mlp_dim, self.act, self.dtype, name="mlp")(y)

@@ -29,6 +29,7 @@ class TextTransformer(nn.Module):
   dtype: Any = jnp.float32
   remat: str = "none"
   scan: bool = False
+  attention: str = "xla"
 
   @nn.compact
   def __call__(self, text):
@@ -47,9 +48,8 @@ class TextTransformer(nn.Module):
                      (1, self.max_len, self.width))
     x = x + pos[:, :text.shape[1]].astype(x.dtype)
     x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
-    mask = nn.make_causal_mask(text) if self.causal else None
     x = Encoder(self.depth, self.num_heads, self.mlp_dim, self.act, self.ln_eps, self.dtype,
-                self.remat, self.scan, name="encoder")(x, mask)
+                self.remat, self.scan, self.causal, self.attention, name="encoder")(x)
     x = layer_norm(self.ln_eps, "ln_final", self.dtype)(x)
     if self.pool == "eos":
       # First end-of-text token; rows without one (truncated input) pool their last position.

@@ -90,9 +90,11 @@ class TwoTower(nn.Module):
             **self.temperature()}
 
 
-def build_model(model_cfg, *, vocab_size=None, pad_id=0, eos_id=2) -> TwoTower:
+def build_model(model_cfg, *, vocab_size=None, pad_id=0, eos_id=2, attention=None) -> TwoTower:
   """A TwoTower from the `model` section of a config; vocabulary facts come from the tokenizer
-  (or, for abstract shapes without data, from `model.text.vocab_size`)."""
+  (or, for abstract shapes without data, from `model.text.vocab_size`). `attention` overrides
+  `model.attention` (see models/attention.py for_platform)."""
+  attention = attention or model_cfg.attention
   i, t = model_cfg.image, model_cfg.text
   dtype = jnp.dtype(model_cfg.dtype)  # compute dtype; parameters stay float32
   vocab_size = vocab_size or t.vocab_size
@@ -101,11 +103,13 @@ def build_model(model_cfg, *, vocab_size=None, pad_id=0, eos_id=2) -> TwoTower:
   image = ViT(patch_size=i.patch_size, width=i.width, depth=i.depth, num_heads=i.num_heads,
               mlp_dim=i.mlp_dim, pool=i.pool, pre_norm=i.pre_norm, patch_bias=i.patch_bias,
               act=model_cfg.act, ln_eps=model_cfg.ln_eps, dtype=dtype, remat=model_cfg.remat,
-              scan=model_cfg.scan, mean=tuple(i.mean), std=tuple(i.std))
+              scan=model_cfg.scan, mean=tuple(i.mean), std=tuple(i.std),
+              attention=attention)
   text = TextTransformer(vocab_size=vocab_size, max_len=t.max_len, width=t.width, depth=t.depth,
                          num_heads=t.num_heads, mlp_dim=t.mlp_dim, causal=t.causal, pool=t.pool,
                          eos_id=eos_id, act=model_cfg.act, ln_eps=model_cfg.ln_eps, dtype=dtype,
-                         remat=model_cfg.remat, scan=model_cfg.scan)
+                         remat=model_cfg.remat, scan=model_cfg.scan,
+                         attention=attention)
   return TwoTower(image=image, text=text, embed_dim=model_cfg.embed_dim,
                   image_proj=model_cfg.image_proj, text_proj_bias=model_cfg.text_proj_bias,
                   init_scale=model_cfg.init_scale, init_bias=model_cfg.init_bias,

@@ -28,6 +28,7 @@ class ViT(nn.Module):
   dtype: Any = jnp.float32
   remat: str = "none"
   scan: bool = False
+  attention: str = "xla"
   # Pixel normalisation of uint8 input: (x / 255 - mean) / std per channel (CLIP: OpenAI's
   # statistics; SigLIP: 0.5, i.e. [-1, 1]). Done here, on the device, so the data pipeline
   # ships uint8 and XLA fuses it into the patch embedding.
@@ -62,7 +63,7 @@ class ViT(nn.Module):
       x = layer_norm(self.ln_eps, "ln_pre", self.dtype)(x)
     x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
     x = Encoder(self.depth, self.num_heads, self.mlp_dim, self.act, self.ln_eps, self.dtype,
-                self.remat, self.scan, name="encoder")(x)
+                self.remat, self.scan, attention=self.attention, name="encoder")(x)
     x = layer_norm(self.ln_eps, "ln_post", self.dtype)(x)
     if self.pool == "cls":
       pooled = x[:, 0]

@@ -52,6 +52,7 @@ def train(cfg, workdir, *, stop_after_step=None, progress=True, devices=None):
   workdir = storage.absolute(workdir)  # local, or a bucket (gs://...)
   cfg = absolute_data_dirs(cfg)
   exp = Experiment(cfg, devices)
+  exp.check_attention()  # before anything compiles or the workdir is made
   storage.makedirs(workdir)
   # One trainer per workdir: process 0 holds the lock for the whole job.
   lock = WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
