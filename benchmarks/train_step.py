@@ -9,8 +9,8 @@ CLIP softmax loss with a learnable temperature; AdamW. Random inputs (the data p
 benchmarked separately). The two are timed in alternating rounds so machine load hits both,
 and the table reports medians. The script restarts itself with huge pages for glibc's large
 allocations, as the `jaxret` command does (jaxret/hugepages.py), so both frameworks run on
-them; JAXRET_HUGEPAGES=0 runs both on glibc's defaults. MFU divides the train step's FLOPs
-(XLA cost analysis of the compiled step) by the machine's measured fp32 matmul rate: on a CPU
+them; JAXRET_HUGEPAGES=0 runs both on glibc's defaults. MFU divides the train step's matmul FLOPs
+(jaxret/train/flops.py, as `jaxret inspect` counts them) by the machine's measured fp32 matmul rate: on a CPU
 there is no datasheet peak.
 Needs torch==2.13.0 and open-clip-torch==3.3.0 (installed with --no-deps: see below).
 """
@@ -41,6 +41,7 @@ def jaxret_step(batch_size):
   from jaxret.parallel.mesh import make_mesh
   from jaxret.optim import make_optimizer
   from jaxret.experiment import init_state, state_shardings
+  from jaxret.train.flops import jaxpr_matmul_flops
   from jaxret.train.step import make_train_step
 
   cfg = config.defaults()
@@ -68,9 +69,9 @@ def jaxret_step(batch_size):
                np.float32), bsh),
            "text": jax.device_put(text, bsh)}
   with partitioning.activate(mesh):
-    compiled = step.jitted.lower(state, batch).compile()
-  cost = compiled.cost_analysis()
-  flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+    # The planner's counter: matmul FLOPs of the traced step (XLA's cost analysis counts a
+    # scanned layer once).
+    flops = float(jaxpr_matmul_flops(step.jitted.trace(state, batch).jaxpr.jaxpr))
   holder = {"state": state}
 
   def run(n):

@@ -6,11 +6,12 @@ gcsfuse, as the TPU launcher does with DATA_BUCKET=BUCKET at /mnt/data):
       --config.data.dir=/mnt/data/records
   jaxret train --config configs/clip.py:b16 --workdir gs://BUCKET/clip_b16 ...
   jaxret train --config configs/clip.py:l14 --workdir gs://BUCKET/clip_l14 ...
-  # on a TPU slice, with launch/tpu_pod.sh:
+  # on a TPU slice, with launch/tpu_pod.sh (v4-256: 128 chips of 32 GiB; at 256 examples
+  # per chip, full remat and FSDP over 8 plan 22 GiB per chip, the default remat 81 GiB):
   REPO=https://example.com/you/jaxret.git DATA_BUCKET=BUCKET \
   launch/tpu_pod.sh my-slice us-central2-b v4-256 -- \
       train --config configs/clip.py:l14 --workdir gs://BUCKET/clip_l14 \
-      --config.data.dir=/mnt/data/records
+      --config.data.dir=/mnt/data/records --config.model.remat=full --config.mesh.fsdp=8
 
 Image towers from the paper's Table 20 (ViT-B/32, B/16, L/14 at 224px); text: 12 layers,
 77 tokens, 512 wide with 8 heads (B) or 768 wide with 12 heads (L); embeddings 512 (B) or

@@ -67,7 +67,8 @@ def _parser():
   i.add_argument("--config", required=True, help="path/to/config.py[:arg]")
   i.add_argument("--mesh", default="", help="e.g. data=64,fsdp=4,tensor=1 (default: 1 device)")
   i.add_argument("--no-compile", action="store_true",
-                 help="skip compiling one device's step (no activation or FLOP figures)")
+                 help="skip compiling one device's step (no activation figure; FLOPs are "
+                      "counted from the traced step either way)")
 
   em = sub.add_parser("embed", help="embed images, captions or a data split into a store "
                       "(float16 shards; rerun to resume)")

@@ -1,9 +1,10 @@
 """`jaxret inspect`: will this config fit this mesh? Answered before launching, without the mesh.
 
 Parameters and optimizer state per device come from the same logical-axis rules training
-uses, evaluated on an AbstractMesh of any size (no devices, no allocation). Activations and
-FLOPs come from XLA itself: it compiles one device's train step (local batch, this machine's
-backend) and reports that program's temporary memory and cost.
+uses, evaluated on an AbstractMesh of any size (no devices, no allocation). FLOPs are the
+matmuls of one device's traced train step (train/flops.py: scanned layers times their count;
+XLA's cost analysis counts a loop body once). Activations come from XLA itself: it compiles
+that step (local batch, this machine's backend) and reports the program's temporary memory.
 
 How good the activation figure is (checked against compiled sharded steps on 8 CPU devices):
 within a few percent for data parallel and FSDP with the softmax and sigmoid losses; low for
@@ -19,11 +20,13 @@ from jax.sharding import AbstractMesh, AxisType
 from jaxret import losses
 from jaxret.errors import UserError
 from jaxret.experiment import abstract_boxed_params, check_components, state_shardings
+from jaxret.models.attention import for_platform
 from jaxret.models.two_tower import build_model
 from jaxret.optim import make_optimizer
 from jaxret.param_rules import param_paths
 from jaxret.parallel import partitioning
 from jaxret.parallel.mesh import AXES, BATCH_AXES, make_mesh
+from jaxret.train.flops import jaxpr_matmul_flops
 from jaxret.train.step import make_train_step
 
 GiB = 1024 ** 3
@@ -59,7 +62,10 @@ def plan(cfg, mesh_sizes, *, compile_activations=True):
     raise UserError(f"batch_size {cfg.batch_size} does not split over data x fsdp = "
                     f"{batch_devices} devices; change the batch or the mesh")
   local_batch = cfg.batch_size // batch_devices
-  model = build_model(cfg.model)
+  # Planned here with the attention these devices have (xla on a laptop planning a TPU run):
+  # the same parameters and matmuls; a fused kernel's activation memory may be lower.
+  model = build_model(cfg.model, attention=for_platform(
+      cfg.model.attention, jax.devices()[0].platform, cfg.model.dtype))
   tx, _ = make_optimizer(cfg.optim, cfg.total_steps)
   rules = cfg.mesh.rules
   abstract, _ = state_shardings(model, tx, mesh, cfg.model.image.size, rules)
@@ -75,8 +81,9 @@ def plan(cfg, mesh_sizes, *, compile_activations=True):
       "local_batch": local_batch, "parameters": sum(towers.values()), "by_tower": towers,
       "params_bytes": _bytes_per_device(params),
       "optimizer_bytes": _bytes_per_device(abstract.opt_state),
-      # The input batch: float32 images and int32 token ids, split over data x fsdp.
-      "batch_bytes": local_batch * (cfg.model.image.size ** 2 * 3 * 4 + cfg.model.text.max_len * 4),
+      # The input batch as training feeds it (batch_spec), split over data x fsdp.
+      "batch_bytes": sum(math.prod(x.shape) * x.dtype.itemsize
+                         for x in batch_spec(cfg, local_batch).values()),
       "shardings": [(n, tuple(x.shape), str(x.dtype), tuple(x.sharding.spec),
                      math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize)
                     for n, x in zip(names, leaves)],
@@ -84,13 +91,21 @@ def plan(cfg, mesh_sizes, *, compile_activations=True):
       "undivided": partitioning.undivided(
           abstract_boxed_params(model, mesh, cfg.model.image.size), mesh, rules),
   }
-  if compile_activations:
-    result.update(_one_device_program(cfg, model, tx, local_batch))
+  result.update(_one_device_program(cfg, model, tx, local_batch, compile_activations))
   return result
 
 
-def _one_device_program(cfg, model, tx, local_batch):
-  """Temporary memory and FLOPs of one device's train step at the local batch.
+def batch_spec(cfg, batch, sharding=None):
+  """The train step's input as the data pipeline delivers it (uint8 pixels, normalised on the
+  device by the image tower; int32 token ids), abstract."""
+  s, n = cfg.model.image.size, cfg.model.text.max_len
+  return {"image": jax.ShapeDtypeStruct((batch, s, s, 3), jnp.uint8, sharding=sharding),
+          "text": jax.ShapeDtypeStruct((batch, n), jnp.int32, sharding=sharding)}
+
+
+def _one_device_program(cfg, model, tx, local_batch, compile_activations=True):
+  """Matmul FLOPs (traced) and temporary memory (compiled) of one device's train step at the
+  local batch.
 
   Tensor parallelism splits activations too, so the temporaries are divided by the tensor
   axis size in the report (an estimate; data and FSDP axes do not change them).
@@ -98,19 +113,26 @@ def _one_device_program(cfg, model, tx, local_batch):
   mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
   loss = losses.get_loss(cfg.loss.name, cfg.loss)
   abstract, sh = state_shardings(model, tx, mesh, cfg.model.image.size, cfg.mesh.rules)
-  s, n = cfg.model.image.size, cfg.model.text.max_len
-  bsh = partitioning.batch_sharding(mesh)
-  batch = {"image": jax.ShapeDtypeStruct((local_batch, s, s, 3), jnp.float32, sharding=bsh),
-           "text": jax.ShapeDtypeStruct((local_batch, n), jnp.int32, sharding=bsh)}
+  batch = batch_spec(cfg, local_batch, partitioning.batch_sharding(mesh))
   step = make_train_step(model, loss, tx, lambda i: 0.0, mesh, sh, cfg.optim.grad_accum_steps,
                          rules=cfg.mesh.rules)
   with partitioning.activate(mesh, cfg.mesh.rules):
-    compiled = step.jitted.lower(abstract, batch).compile()
-  memory = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return {"activation_bytes": memory.temp_size_in_bytes,
-          "train_flops_per_example": float(cost.get("flops", 0.0)) / local_batch}
+    traced = step.jitted.trace(abstract, batch)
+    executed = jaxpr_matmul_flops(traced.jaxpr.jaxpr) / local_batch
+    out = {"train_flops_per_example": executed}
+    if cfg.model.remat != "none":
+      # MFU counts the model's FLOPs, not the forward matmuls remat runs again: trace the same
+      # step without remat for those, and keep the executed figure beside them.
+      plain = model.clone(image=model.image.clone(remat="none"),
+                          text=model.text.clone(remat="none"))
+      plain_step = make_train_step(plain, loss, tx, lambda i: 0.0, mesh, sh,
+                                   cfg.optim.grad_accum_steps, rules=cfg.mesh.rules)
+      out["train_flops_per_example"] = jaxpr_matmul_flops(
+          plain_step.jitted.trace(abstract, batch).jaxpr.jaxpr) / local_batch
+      out["executed_flops_per_example"] = executed
+    if compile_activations:
+      out["activation_bytes"] = traced.lower().compile().memory_analysis().temp_size_in_bytes
+  return out
 
 
 def format_plan(p, config_name):
@@ -122,7 +144,9 @@ def format_plan(p, config_name):
                f"{k} {v / 1e6:,.1f}M" for k, v in p["by_tower"].items()) + ")"]
   if "train_flops_per_example" in p:
     lines.append(f"train FLOPs     {p['train_flops_per_example'] / 1e9:,.1f} GFLOP per example "
-                 "(forward + backward, XLA cost analysis)")
+                 "(forward + backward matmuls, traced" + (
+                     f"; {p['executed_flops_per_example'] / 1e9:,.1f} run with remat's recompute"
+                     if "executed_flops_per_example" in p else "") + ")")
   lines.append("memory per device")
   lines.append(f"  parameters    {p['params_bytes'] / GiB:8.3f} GiB")
   lines.append(f"  optimizer     {p['optimizer_bytes'] / GiB:8.3f} GiB")
