@@ -44,9 +44,9 @@ def build(out, n, size=224):
     w.write(msgpack.packb({"image": buf.getvalue(),
                            "captions": [f"a photo number {i}", f"picture {i} of a field"]}))
   w.close()
-  from jaxret.data import tokenizers
-  tokenizers.train_bpe([f"a photo number {i} picture of a field" for i in range(200)],
-                       out / "tokenizer.json", vocab_size=800)
+  from jaxret.data import tokenizer_training
+  tokenizer_training.train_bpe([f"a photo number {i} picture of a field" for i in range(200)],
+                                 out / "tokenizer.json", vocab_size=800)
   (out / "manifest.json").write_text(json.dumps({
       "format": "jaxret-records-v1", "name": "bench", "image_size": size,
       "tokenizer": "tokenizer.json",

@@ -219,7 +219,7 @@ def run(argv):
     build_demo(args.out, num_train=args.num_train, num_test=args.num_test, seed=args.seed,
                source=args.source)
   elif args.command == "data" and args.data_command == "train-tokenizer":
-    from jaxret.data.tokenizers import train_tokenizer_cli
+    from jaxret.data.tokenizer_training import train_tokenizer_cli
     train_tokenizer_cli(args.inputs, args.out, kind=args.kind, vocab_size=args.vocab_size,
                         min_frequency=args.min_frequency, clip_files=args.clip_files)
   elif args.command == "data" and args.data_command == "convert":

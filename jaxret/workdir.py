@@ -66,26 +66,22 @@ def absolute_data_dirs(cfg):
   (a copy of `cfg`), so a run's saved config finds its data from any current directory."""
   cfg = cfg.copy_and_resolve_references()
   with cfg.unlocked():
-    cfg.data.dir = _absolute(cfg.data.dir)
-    cfg.data.mixture = tuple(f"{_absolute(d)}:{w!r}" for d, w in parse_mixture(cfg.data.mixture))
-    cfg.eval.sets = tuple(f"{name}={_absolute(d) if d else ''}{':' + split if split else ''}"
+    cfg.data.dir = storage.absolute(cfg.data.dir)
+    cfg.data.mixture = tuple(f"{storage.absolute(d)}:{w!r}" for d, w in parse_mixture(cfg.data.mixture))
+    cfg.eval.sets = tuple(f"{name}={storage.absolute(d) if d else ''}{':' + split if split else ''}"
                           for name, d, split in config.parse_eval_sets(cfg.eval.sets))
     if cfg.eval.zeroshot_classes:
-      cfg.eval.zeroshot_classes = _absolute(cfg.eval.zeroshot_classes)
+      cfg.eval.zeroshot_classes = storage.absolute(cfg.eval.zeroshot_classes)
   return cfg
-
-
-def _absolute(path):
-  return path if "://" in str(path) else os.path.abspath(path)
 
 
 def _same_data_dir(key, old, now):
   """A run saved before data dirs were stored absolute names them relative to where it
   started; the same folder reached from there is the same data."""
   if key == "data.dir" and isinstance(old, str) and isinstance(now, str):
-    return _absolute(old) == _absolute(now)
+    return storage.absolute(old) == storage.absolute(now)
   if key == "data.mixture" and isinstance(old, list) and isinstance(now, list):
-    norm = lambda m: [(_absolute(d), w) for d, w in parse_mixture(m)]  # noqa: E731
+    norm = lambda m: [(storage.absolute(d), w) for d, w in parse_mixture(m)]  # noqa: E731
     return norm(old) == norm(now)
   return False
 
@@ -296,13 +292,13 @@ def save_run_files(workdir, cfg, data_dir, manifest):
       storage.rename(tmp, tok_dir)
   manifest_path = os.path.join(data_dir, MANIFEST)
   if not storage.exists(storage.join(workdir, DATA_MANIFEST)):
-    _write_atomic(storage.join(workdir, DATA_MANIFEST), json.dumps(manifest, indent=2))
+    storage.write_text(storage.join(workdir, DATA_MANIFEST), json.dumps(manifest, indent=2))
   prov_path = storage.join(workdir, PROVENANCE)
   prov = {"starts": []}
   if storage.exists(prov_path):
     prov = json.loads(storage.read_text(prov_path))
   prov["starts"].append(_provenance(cfg, manifest_path))
-  _write_atomic(prov_path, json.dumps(prov, indent=2))
+  storage.write_text(prov_path, json.dumps(prov, indent=2))
 
 
 def _provenance(cfg, manifest_path):
@@ -331,10 +327,6 @@ def _git_commit():
     return commit + ("+dirty" if run("status", "--porcelain", "--untracked-files=no") else "")
   except (OSError, subprocess.SubprocessError):
     return None
-
-
-def _write_atomic(path, text):
-  storage.write_text(path, text)
 
 
 def run_tokenizer_path(workdir, cfg):

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from jaxret import cli
-from jaxret.data import convert, pipeline, sources, tokenizers
+from jaxret.data import convert, pipeline, sources, tokenizer_training, tokenizers
 from jaxret.errors import UserError
 
 SIZE = 24
@@ -183,7 +183,7 @@ def test_a_replacement_is_readable_until_done_and_failures_change_nothing(two_sp
 def test_later_splits_keep_the_first_tokenizer_and_size(two_splits, folder, tmp_path):
   d, kw = two_splits
   before = snapshot(d)
-  tokenizers.train_bpe(["a different corpus entirely"] * 3, tmp_path / "tokenizer.json",
+  tokenizer_training.train_bpe(["a different corpus entirely"] * 3, tmp_path / "tokenizer.json",
                        vocab_size=600)
   args = ["data", "convert", "--captions", str(tmp_path / "val.jsonl"), "--images",
           str(folder / "img"), "--out", str(d), "--split", "val", "--workers", "1"]
@@ -284,7 +284,7 @@ def test_clip_vocab_file_ships_with_its_merges(folder, tmp_path):
   """--tokenizer .../vocab.json: CLIP's pair is copied together and loads as the original."""
   clip = tmp_path / "clip"
   clip.mkdir()
-  tok = tokenizers.train_bpe([f"picture {i} of things" for i in range(50)], clip / "t.json",
+  tok = tokenizer_training.train_bpe([f"picture {i} of things" for i in range(50)], clip / "t.json",
                              vocab_size=600, specials=(tokenizers.CLIP_BOS, tokenizers.CLIP_EOS))
   tokenizers.save_clip_files(tok, clip)
   caption_file(tmp_path / "caps.jsonl", folder, range(4))

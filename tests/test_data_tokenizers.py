@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from jaxret.data import tokenizer_training as TT
 from jaxret.data import tokenizers as T
 
 WORDS = ["a", "photo", "of", "the", "cat", "dog", "on", "red", "blue", "sofa", "car", "near",
@@ -42,7 +43,7 @@ def captions(n, seed=0):
 def clip_dir(tmp_path_factory):
   """A tiny CLIP-format tokenizer (OpenAI's special names), trained here."""
   d = tmp_path_factory.mktemp("clip")
-  tok = T.train_bpe(captions(400, seed=1) + ODD, d / "tokenizer.json", vocab_size=900,
+  tok = TT.train_bpe(captions(400, seed=1) + ODD, d / "tokenizer.json", vocab_size=900,
                     specials=(T.CLIP_BOS, T.CLIP_EOS))
   T.save_clip_files(tok, d)
   return d
@@ -74,7 +75,7 @@ def test_clip_files_match_transformers_clip_tokenizer(clip_dir):
 
 def test_clip_special_layout_and_full_size_vocab(tmp_path):
   """OpenAI's layout: 49408 ids with the specials last; every byte is known."""
-  tok = T.train_bpe(captions(200), tmp_path / "t.json", vocab_size=49408, min_frequency=1,
+  tok = TT.train_bpe(captions(200), tmp_path / "t.json", vocab_size=49408, min_frequency=1,
                     specials=())
   spec = json.loads(tok.to_str())
   vocab = dict(spec["model"]["vocab"])
@@ -102,7 +103,7 @@ def test_clip_special_layout_and_full_size_vocab(tmp_path):
 
 
 def test_jaxret_names_kept_for_export(tmp_path):
-  tok = T.train_bpe(captions(100), tmp_path / "tokenizer.json", vocab_size=700)
+  tok = TT.train_bpe(captions(100), tmp_path / "tokenizer.json", vocab_size=700)
   mine = T.load_tokenizer(tmp_path / "tokenizer.json", 16)
   assert (mine.pad_id, mine.bos_id, mine.eos_id) == (0, 1, 2)
   assert [tok.id_to_token(i) for i in range(4)] == list(T.SPECIAL_TOKENS)
@@ -117,7 +118,7 @@ def test_jaxret_names_kept_for_export(tmp_path):
           truncation=True)["input_ids"])
   # Retrained on the same corpus: the same size (HF breaks ties between equally frequent
   # pairs in hash order, so ids may differ; see train_bpe).
-  again = T.train_bpe(captions(100), tmp_path / "again.json", vocab_size=700)
+  again = TT.train_bpe(captions(100), tmp_path / "again.json", vocab_size=700)
   assert again.get_vocab_size() == tok.get_vocab_size()
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from jaxret import cli, config
+from jaxret.data import tokenizer_training as TT
 from jaxret.data import tokenizers as T
 from jaxret.data import transforms
 from jaxret.errors import UserError
@@ -91,7 +92,7 @@ def files(open_clip, tmp_path_factory):
   d = tmp_path_factory.mktemp("tokenizers")
   T.write_clip_files(*T.read_openai_bpe(open_clip[1]), d / "openai")
   texts = corpus(300)
-  T.train_sentencepiece(texts, d / "sp.model", vocab_size=200)
+  TT.train_sentencepiece(texts, d / "sp.model", vocab_size=200)
   siglip = dict(pad_id=0, eos_id=1, unk_id=2, bos_id=-1)
   for name, kind, ids in (("sp_nopad", "unigram", {}), ("sp_bpe", "bpe", {}),
                           ("sp_siglip", "unigram", siglip)):
@@ -99,7 +100,7 @@ def files(open_clip, tmp_path_factory):
         sentence_iterator=iter([T.clean_text(t) for t in texts]), model_prefix=str(d / name),
         vocab_size=150, model_type=kind, minloglevel=2, num_threads=1, hard_vocab_limit=False,
         **ids)
-  T.train_bpe(texts, d / "tokenizer.json", vocab_size=600)
+  TT.train_bpe(texts, d / "tokenizer.json", vocab_size=600)
   return {"openai": d / "openai", "sentencepiece": d / "sp.model",
           "sentencepiece-no-pad": d / "sp_nopad.model", "sentencepiece-bpe": d / "sp_bpe.model",
           "sentencepiece-no-bos": d / "sp_siglip.model",

@@ -9,7 +9,7 @@ import shutil
 import jax
 import pytest
 
-from jaxret.data.tokenizers import train_bpe
+from jaxret.data.tokenizer_training import train_bpe
 from jaxret.eval.run import evaluate_workdir
 from jaxret.train.loop import train
 

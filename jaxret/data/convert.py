@@ -50,7 +50,8 @@ import msgpack
 from PIL import Image
 from tqdm import tqdm
 
-from jaxret.data import caption_formats, sources, tokenizers, transforms
+from jaxret import storage
+from jaxret.data import caption_formats, sources, tokenizer_training, tokenizers, transforms
 from jaxret.errors import UserError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
@@ -414,12 +415,7 @@ def _locked(folder):
 
 
 def _write_manifest(out_dir, manifest):
-  tmp = out_dir / (sources.MANIFEST + ".tmp")
-  with open(tmp, "w") as f:
-    f.write(json.dumps(manifest, indent=2) + "\n")
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, out_dir / sources.MANIFEST)
+  storage.write_text(str(out_dir / sources.MANIFEST), json.dumps(manifest, indent=2) + "\n")
 
 
 def _commit(out_dir, entries, image_size, tok_name):
@@ -495,6 +491,6 @@ def _tokenizer(out_dir, stage, names, tokenizer, vocab_size):
   if (out_dir / "tokenizer.json").is_file():
     return "tokenizer.json"  # Trained by an earlier, interrupted run of the same conversion.
   tmp = out_dir / "tokenizer.json.tmp"
-  tokenizers.train_bpe(_staged_captions(stage, names), tmp, vocab_size=vocab_size)
+  tokenizer_training.train_bpe(_staged_captions(stage, names), tmp, vocab_size=vocab_size)
   os.replace(tmp, out_dir / "tokenizer.json")
   return "tokenizer.json"

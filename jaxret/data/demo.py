@@ -36,7 +36,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from PIL import Image
 from tqdm import tqdm
 
-from jaxret.data import sources, tokenizers
+from jaxret.data import sources, tokenizer_training, tokenizers
 from jaxret.errors import UserError, did_you_mean
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -323,9 +323,9 @@ def build_demo(out_dir, *, num_train=40000, num_test=1000, seed=0, source="auto"
   (out_dir / sources.MANIFEST).unlink(missing_ok=True)  # Mark the dir unfinished.
   # The same trainer as `jaxret data train-tokenizer`; the corpus is small, so every demo
   # word ends up one token (hyphenated words kept whole, as captions count them).
-  tokenizer = tokenizers.train_bpe(_vocabulary_corpus(classes), out_dir / "tokenizer.json",
-                                   vocab_size=4096, min_frequency=1,
-                                   word_pattern=tokenizers.WORD_OR_PUNCT)
+  tokenizer = tokenizer_training.train_bpe(
+      _vocabulary_corpus(classes), out_dir / "tokenizer.json", vocab_size=4096, min_frequency=1,
+      word_pattern=tokenizers.WORD_OR_PUNCT)
   splits = {}
   with tqdm(total=num_train + num_test, desc=f"demo scenes ({source})", unit="scene",
             disable=not progress) as bar:
