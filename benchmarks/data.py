@@ -29,6 +29,7 @@ import msgpack  # noqa: E402
 import numpy as np  # noqa: E402
 from array_record.python.array_record_module import ArrayRecordWriter  # noqa: E402
 from PIL import Image  # noqa: E402
+from steps import step_rate  # noqa: E402  (benchmarks/steps.py, beside this script)
 
 
 def build(out, n, size=224):
@@ -70,42 +71,6 @@ def measure(data_dir, workers, batch, batches, image_size, text_len):
   return rate
 
 
-def step_rate(spec, overrides, steps):
-  """Examples/s of `spec`'s train step on one device, random uint8 images and token ids."""
-  import jax
-  from jaxret import config, losses
-  from jaxret.models.two_tower import build_model
-  from jaxret.parallel import partitioning
-  from jaxret.parallel.mesh import make_mesh
-  from jaxret.optim import make_optimizer
-  from jaxret.experiment import init_state, state_shardings
-  from jaxret.train.step import make_train_step
-  cfg = config.load(spec, overrides)
-  m = cfg.model
-  mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
-  model = build_model(m, pad_id=0, eos_id=m.text.vocab_size - 1)
-  tx, schedule = make_optimizer(cfg.optim, cfg.total_steps)
-  _, sh = state_shardings(model, tx, mesh, m.image.size)
-  state = init_state(model, tx, mesh, m.image.size, 0, sh)
-  step = make_train_step(model, losses.get_loss(cfg.loss.name, cfg.loss), tx, schedule, mesh, sh)
-  rng = np.random.default_rng(0)
-  b, s, n = cfg.batch_size, m.image.size, m.text.max_len
-  text = rng.integers(3, m.text.vocab_size - 1, (b, n)).astype(np.int32)
-  text[:, n // 2] = m.text.vocab_size - 1  # an end token mid-way, padding after
-  text[:, n // 2 + 1:] = 0
-  bsh = partitioning.batch_sharding(mesh)
-  batch = {"image": jax.device_put(rng.integers(0, 256, (b, s, s, 3), dtype=np.uint8), bsh),
-           "text": jax.device_put(text, bsh)}
-  for _ in range(2):  # compile, warm up
-    state, metrics = step(state, batch)
-  jax.block_until_ready(metrics)
-  t = time.perf_counter()
-  for _ in range(steps):
-    state, metrics = step(state, batch)
-  jax.block_until_ready(metrics)
-  return b * steps / (time.perf_counter() - t)
-
-
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--records", type=int, default=1024)
@@ -127,11 +92,11 @@ def main():
     from jaxret.data.tokenizers import load_tokenizer
     vocab = load_tokenizer(demo / "tokenizer.json", 20).vocab_size
   demo_step = step_rate(str(root / "configs/demo.py") + ":softmax",
-                        [f"model.text.vocab_size={vocab}"], 20)
+                        [f"model.text.vocab_size={vocab}"], 20)[0]
   b16_step = None if a.no_b16 else step_rate(
       str(root / "configs/clip.py") + ":b16",
       ["batch_size=8", "model.dtype=float32", "model.remat=none", "model.scan=false",
-       "model.text.vocab_size=49408"], 3)
+       "model.text.vocab_size=49408"], 3)[0]
   print("| records | workers | pipeline examples/s | train step it feeds | step examples/s "
         "| headroom |")
   print("|---|---:|---:|---|---:|---:|")

@@ -12,9 +12,12 @@ Baselines, named for what they run:
           (B x B logits; B x B x Ni x Nt for FILIP). An upper bound, not what big_vision runs.
 FILIP: 50 image tokens (ViT-B/32 at 224), 77 text tokens, d = 256, tiles of 32 examples.
 
-A second table compares ring with all_gather at equal B on 8 devices, timed interleaved
-(ring and all_gather alternate, in alternating order) so that load from other processes
-hits both alike; the ratio is the median of the per-round ratios.
+A second table compares ring with all_gather at equal B on 8 devices, and a third the ring's
+two ways of moving blocks (loss.ring_moves: ppermute, or pair swaps), both timed interleaved
+(the two alternate, in alternating order) so that load from other processes hits both alike;
+the ratio is the median of the per-round ratios. The third table is what the per-backend
+RING_MOVES entry in jaxret/losses/common.py rests on: run `--moves-only` on a backend with two or
+more devices to measure its entry.
 """
 
 import os
@@ -60,14 +63,14 @@ def naive(name, mesh):
                        out_specs=P())
 
 
-def loss_fn(name, impl, mesh, fraction):
+def loss_fn(name, impl, mesh, fraction, moves="auto"):
   if impl == "naive":
     return naive(name, mesh)
   if impl == "gspmd":  # the inputs arrive batch-sharded (inputs()); XLA partitions the rest
     return REFERENCES[name]
   kernel = {"softmax": losses.softmax_loss, "sigmoid": losses.sigmoid_loss, "filip": losses.filip_loss}[name]
   extra = dict(token_fraction=fraction, chunk=CHUNK) if name == "filip" else {}
-  return functools.partial(kernel, mesh=mesh, axes=AXES, impl=impl, **extra)
+  return functools.partial(kernel, mesh=mesh, axes=AXES, impl=impl, moves=moves, **extra)
 
 
 def inputs(name, batch, mesh):
@@ -116,7 +119,7 @@ def measure(name, impl, devices, batch, fraction, max_seconds, repeats):
 def rows(args):
   sweep = [256, 512, 1024, 2048, 4096, 8192]
   plan = []
-  if args.ratios_only:
+  if args.ratios_only or args.moves_only:
     return plan
   for name in ("softmax", "sigmoid"):
     for impl in ("gspmd", "naive", "all_gather", "ring"):
@@ -127,21 +130,23 @@ def rows(args):
         continue
       plan += [("filip", impl, 8, b, fraction)
                for b in (sweep[:2] if impl in ("gspmd", "naive") else sweep)]
-  # Fixed local batch b, growing ring: memory follows b, not B.
+  # Fixed local batch b, growing device count: the ring's memory follows b, GSPMD's and the
+  # gather's follow B.
   for name, local in (("softmax", 512), ("sigmoid", 512), ("filip", 64)):
-    for impl in ("all_gather", "ring"):
-      plan += [(name, impl, d, local * d, 1.0) for d in (1, 2, 4) if d * local not in ()]
+    for impl in ("gspmd", "all_gather", "ring"):
+      plan += [(name, impl, d, local * d, 1.0) for d in (1, 2, 4, 8)]
   return [row for row in plan if row[0] in args.losses and row[1] in args.impls]
 
 
-def ratios(name, batch, rounds, max_seconds):
-  """(all_gather ms, ring ms, median of per-round ring/all_gather), or None over budget."""
+def ratios(name, batch, rounds, max_seconds, forms=(("all_gather", "auto"), ("ring", "auto"))):
+  """(first ms, second ms, median of per-round second/first) for two (impl, moves) forms on
+  all devices, or None over budget."""
   if flops(name, "all_gather", batch, 1.0) / FLOPS > max_seconds:
     return None
-  mesh = mesh_of(8)
+  mesh = mesh_of(jax.device_count())
   args = inputs(name, batch, mesh)
-  fns = [jax.jit(jax.value_and_grad(loss_fn(name, impl, mesh, 1.0), argnums=ARGNUMS[name]))
-         .lower(*args).compile() for impl in ("all_gather", "ring")]
+  fns = [jax.jit(jax.value_and_grad(loss_fn(name, impl, mesh, 1.0, moves), argnums=ARGNUMS[name]))
+         .lower(*args).compile() for impl, moves in forms]
   for fn in fns:
     jax.block_until_ready(fn(*args))  # warm-up
   start = time.perf_counter()
@@ -174,6 +179,8 @@ def main():
   parser.add_argument("--impls", default="gspmd,naive,all_gather,ring",
                       help="comma-separated rows of the first table")
   parser.add_argument("--ratios-only", action="store_true", help="print only the second table")
+  parser.add_argument("--moves-only", action="store_true",
+                      help="print only the third table (ring moves: ppermute vs swaps)")
   args = parser.parse_args()
   args.losses = args.losses.split(",")
   args.impls = args.impls.split(",")
@@ -193,7 +200,7 @@ def main():
       mib, ms = f"fails: {type(e).__name__}", "-"
     print(f"| {name} | {impl} | {tokens} | {devices} | {batch} | {batch // devices} | {mib} | {ms} |",
           flush=True)
-  if args.rounds:
+  if args.rounds and not args.moves_only:
     print(f"\nring vs all_gather, 8 devices, {args.rounds} interleaved rounds\n")
     print("| loss | global B | all_gather ms | ring ms | ring / all_gather |")
     print("|---|---:|---:|---:|---:|")
@@ -202,6 +209,23 @@ def main():
         out = ratios(name, batch, args.rounds, args.max_seconds)
         cells = "- | - | -" if out is None else f"{out[0]:.1f} | {out[1]:.1f} | {out[2]:.2f}x"
         print(f"| {name} | {batch} | {cells} |", flush=True)
+  if args.rounds and not args.ratios_only:
+    backend = jax.default_backend()
+    print(f"\nring moves on {backend} ({jax.device_count()} devices, {args.rounds} interleaved "
+          f"rounds): ppermute vs pair swaps; jaxret's table says {backend}: "
+          f"{losses.common.ring_moves('auto', backend)}\n")
+    print("| loss | global B | block KiB | ppermute ms | swaps ms | swaps / ppermute |")
+    print("|---|---:|---:|---:|---:|---:|")
+    # Blocks over common.SMALL_BLOCK_BYTES travel by ppermute either way (FILIP's token blocks
+    # at 77 tokens are over it from 8 examples a device), so the sweep stays under it.
+    for name in ("softmax", "sigmoid"):
+      for batch in (256, 1024, 2048):
+        out = ratios(name, batch, args.rounds, args.max_seconds,
+                     forms=(("ring", "ppermute"), ("ring", "swaps")))
+        local = batch // jax.device_count()
+        kib = local * DIM * 4 / 1024
+        cells = "- | - | -" if out is None else f"{out[0]:.1f} | {out[1]:.1f} | {out[2]:.2f}x"
+        print(f"| {name} | {batch} | {kib:.0f} | {cells} |", flush=True)
 
 
 if __name__ == "__main__":

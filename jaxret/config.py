@@ -19,7 +19,10 @@ from jaxret.errors import UserError, did_you_mean
 # Every loss option with its default (checked by jaxret/losses/registry.py); the config's
 # `loss` section has exactly these keys (plus `name`). The filip_* keys only matter to FILIP.
 LOSS_OPTIONS = dict(
-    impl="all_gather",           # "all_gather" (memory b x B) | "ring" (ppermute, memory b x b)
+    impl="all_gather",           # "all_gather" (memory b x B) | "ring" (memory b x b)
+    # How the ring's blocks travel: "auto" (this backend's entry of losses/common.py's measured
+    # RING_MOVES table) | "ppermute" | "swaps" (pairwise; small blocks on even rings).
+    ring_moves="auto",
     # Keep each example's top fraction of tokens before communication (the paper's 0.25).
     # Chosen against the local batch, so below 1.0 the loss depends on the sharding.
     filip_token_fraction=0.25,

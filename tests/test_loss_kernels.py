@@ -57,11 +57,16 @@ def test_ring_matches_reference(name, mesh_name):
   _check(_kernel_vg(name, mesh_name, **options)(*args), base._reference_vg(name)(*args))
 
 
-@pytest.mark.parametrize("small", [True, False])  # packed (and swaps on even rings) | as is
-@pytest.mark.parametrize("shape", [(3, 1, 1), (3, 2, 1), (4, 2, 1)])  # odd ring: ppermute
+# Packed small blocks by pair swaps (on even rings; an odd ring always uses ppermute), the same
+# by ppermute (loss.ring_moves), and large blocks as they are.
+RING_FORMS = [(shape, form) for shape in [(3, 1, 1), (3, 2, 1), (4, 2, 1)]
+              for form in ("swaps", "large")] + [((4, 2, 1), "ppermute")]
+
+
+@pytest.mark.parametrize("shape,form", RING_FORMS)
 @pytest.mark.parametrize("name", ["softmax", "sigmoid", "filip"])
-def test_ring_of_any_size_matches_reference(name, shape, small, monkeypatch):
-  if not small:
+def test_ring_of_any_size_matches_reference(name, shape, form, monkeypatch):
+  if form == "large":
     monkeypatch.setattr(common, "SMALL_BLOCK_BYTES", 0)
   batch = 12 if shape[0] == 3 else 16
   if name == "filip":
@@ -70,9 +75,19 @@ def test_ring_of_any_size_matches_reference(name, shape, small, monkeypatch):
     args = (*base._pooled(batch), np.float32(base.SCALE)) + (
         (np.float32(base.BIAS),) if name == "sigmoid" else ())
   fn = functools.partial(base._KERNELS[name], mesh=base._mesh(shape), axes=("data", "fsdp"),
-                         impl="ring")
+                         impl="ring", moves="ppermute" if form == "ppermute" else "swaps")
   got = jax.jit(jax.value_and_grad(fn, argnums=base._GRAD_ARGS[name]))(*args)
   _check(got, base._reference_vg(name)(*args))
+
+
+def test_ring_moves_follow_the_option_and_the_backend_table():
+  block = jnp.zeros((4, 8), jnp.float32)
+  assert common.Ring(("data",), 4, block, "swaps").swaps
+  assert not common.Ring(("data",), 4, block, "ppermute").swaps
+  assert not common.Ring(("data",), 3, block, "swaps").swaps  # odd ring: no pairing
+  assert common.Ring(("data",), 4, block, "auto").swaps == (common.RING_MOVES["cpu"] == "swaps")
+  assert common.ring_moves("auto", "gpu") == common.RING_MOVES["gpu"]
+  assert common.ring_moves("auto", "an-unknown-backend") == "ppermute"  # every backend has it
 
 
 @pytest.mark.parametrize("mesh_name", ["1dev", "data2", "data2xfsdp2"])
@@ -225,6 +240,7 @@ def test_default_options_and_schema_agree():
     ("filip_token_fraction", 1.5, "loss.filip_token_fraction must be in (0, 1]"),
     ("filip_comm_dtype", "bf16", "unknown loss.filip_comm_dtype 'bf16'"),
     ("filip_chunk", -1, "loss.filip_chunk must be a whole number >= 0"),
+    ("ring_moves", "swap", "unknown loss.ring_moves 'swap' (did you mean 'swaps'?)"),
 ])
 def test_bad_options_are_one_line_user_errors(key, value, message):
   cfg = config.merge({"loss": {"name": "filip", key: value}})

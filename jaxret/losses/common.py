@@ -80,19 +80,34 @@ def ring_size(mesh, axes):
 SMALL_BLOCK_BYTES = 256 * 2**10
 
 
+# How a ring move travels, per backend (`loss.ring_moves=auto`). "swaps": pairwise exchanges
+# (a two-device all_gather each); "ppermute": one collective over all D devices. Measured on
+# CPU (BENCHMARKS.md, "Ring moves"): on simulated devices a ppermute makes every device wait for
+# the slowest, and swaps of small blocks ran 1.3-2x faster. GPU and TPU: not measured yet (one
+# GPU at most was lent, and a ring needs two or more), so they keep ppermute, the collective
+# every backend implements, until `benchmarks/losses.py --moves` is run there.
+RING_MOVES = {"cpu": "swaps", "gpu": "ppermute", "tpu": "ppermute"}
+MOVES = ("auto", "ppermute", "swaps")
+
+
+def ring_moves(moves="auto", backend=None):
+  """The move kind for `moves` ("auto": this backend's entry of RING_MOVES)."""
+  if moves != "auto":
+    return moves
+  return RING_MOVES.get(backend or jax.default_backend(), "ppermute")
+
+
 class Ring:
   """How one walk round the ring moves its blocks: chosen once from the travelling block
-  (`block`: its shape and dtype), so that every move of a walk, and any walk undoing it
-  (ring.lse_sum's backward), moves the same way."""
+  (`block`: its shape and dtype) and `moves` (auto | ppermute | swaps), so that every move of
+  a walk, and any walk undoing it (ring.lse_sum's backward), moves the same way. Swaps apply
+  to small blocks on even rings; the rest travel by ppermute whatever `moves` says."""
 
-  def __init__(self, axes, size, block):
+  def __init__(self, axes, size, block, moves="auto"):
     self.axes, self.size = axes, size
     small = block.size * block.dtype.itemsize <= SMALL_BLOCK_BYTES
-    # Swaps pay where a ppermute makes every device wait (CPU-simulated devices, where they
-    # were measured); accelerators keep the ring's ppermute, which all backends support
-    # (all_gather with axis_index_groups is not everywhere).
     self.packed = small
-    self.swaps = small and size % 2 == 0 and jax.default_backend() == "cpu"
+    self.swaps = small and size % 2 == 0 and ring_moves(moves) == "swaps"
 
   def walk(self, step, carry, count, first=0):
     """carry = step(carry, parity) for moves first, first + 1, ... (count of them), as one

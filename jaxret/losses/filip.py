@@ -188,7 +188,7 @@ _gather_as.defvjp(_gather_as_fwd, _gather_as_bwd)
 
 def filip_loss(image_tokens, image_mask, text_tokens, text_mask, scale, *, mesh,
                axes=common.DEFAULT_AXES, impl="all_gather", token_fraction=1.0, comm_dtype=None,
-               chunk=0):
+               chunk=0, moves="auto"):
   """`filip_reference` on global arrays whose batch is split over mesh `axes`.
 
   impl "all_gather": local images against the gathered texts (scores b x B); "ring": texts
@@ -196,7 +196,8 @@ def filip_loss(image_tokens, image_mask, text_tokens, text_mask, scale, *, mesh,
   once for both directions, in tiles of `chunk` x `chunk` examples (0: one tile per block).
   token_fraction < 1 keeps only each example's top tokens (chosen on each device against its
   local batch, so the result depends on the sharding, as in the paper); comm_dtype (e.g.
-  jnp.bfloat16) is the dtype texts are sent in, scores are accumulated in fp32.
+  jnp.bfloat16) is the dtype texts are sent in, scores are accumulated in fp32. `moves`: how
+  the ring's texts travel (common.Ring).
   """
   axes = common.batch_axes(mesh, axes)
   batch = common.global_batch(mesh, axes, image_tokens=image_tokens, image_mask=image_mask,
@@ -213,8 +214,8 @@ def filip_loss(image_tokens, image_mask, text_tokens, text_mask, scale, *, mesh,
     pos_image, pos_text = pair_scores(images, image_mask, sent, text_mask)
     positives = scale * (jnp.sum(pos_image) + jnp.sum(pos_text))
     if impl == "ring":
-      normalisers = ring.lse_sum(_ring_block(chunk), axes, size, wire, images, image_mask, texts,
-                                 text_mask, scale)
+      normalisers = ring.lse_sum(_ring_block(chunk), axes, size, wire, moves, images, image_mask,
+                                 texts, text_mask, scale)
     else:
       normalisers = _gathered_normalisers(images, image_mask, texts, text_mask, scale, axes, wire,
                                           chunk)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from jaxret.config import LOSS_OPTIONS as OPTIONS
 from jaxret.errors import UserError, did_you_mean
-from jaxret.losses.common import DEFAULT_AXES
+from jaxret.losses.common import DEFAULT_AXES, MOVES
 from jaxret.losses.filip import drop_special, filip_loss
 from jaxret.losses.sigmoid import sigmoid_loss
 from jaxret.losses.softmax import softmax_loss
@@ -49,6 +49,9 @@ def check_options(options):
   if out["impl"] not in IMPLS:
     raise UserError(f"unknown loss.impl {out['impl']!r}{did_you_mean(out['impl'], IMPLS)}; valid: "
                     f"{', '.join(IMPLS)}")
+  if out["ring_moves"] not in MOVES:
+    raise UserError(f"unknown loss.ring_moves {out['ring_moves']!r}"
+                    f"{did_you_mean(out['ring_moves'], MOVES)}; valid: {', '.join(MOVES)}")
   fraction = out["filip_token_fraction"]
   if (isinstance(fraction, bool) or not isinstance(fraction, numbers.Real)
       or not 0 < fraction <= 1):
@@ -78,13 +81,14 @@ def _take(outputs, loss, keys):
 def _softmax(outputs, *, mesh, axes=DEFAULT_AXES, options=None):
   o = check_options(options)
   return softmax_loss(*_take(outputs, "softmax", ("image_emb", "text_emb", "scale")), mesh=mesh,
-                      axes=axes, impl=o["impl"])
+                      axes=axes, impl=o["impl"], moves=o["ring_moves"])
 
 
 def _sigmoid(outputs, *, mesh, axes=DEFAULT_AXES, options=None):
   o = check_options(options)
   keys = ("image_emb", "text_emb", "scale", "bias")
-  return sigmoid_loss(*_take(outputs, "sigmoid", keys), mesh=mesh, axes=axes, impl=o["impl"])
+  return sigmoid_loss(*_take(outputs, "sigmoid", keys), mesh=mesh, axes=axes, impl=o["impl"],
+                      moves=o["ring_moves"])
 
 
 def _filip(outputs, *, mesh, axes=DEFAULT_AXES, options=None):
@@ -96,7 +100,8 @@ def _filip(outputs, *, mesh, axes=DEFAULT_AXES, options=None):
     image_mask, text_mask = drop_special(image_mask, image_special), drop_special(text_mask, text_special)
   return filip_loss(image_tokens, image_mask, text_tokens, text_mask, scale, mesh=mesh, axes=axes,
                     impl=o["impl"], token_fraction=o["filip_token_fraction"],
-                    comm_dtype=jnp.dtype(o["filip_comm_dtype"]), chunk=o["filip_chunk"])
+                    comm_dtype=jnp.dtype(o["filip_comm_dtype"]), chunk=o["filip_chunk"],
+                    moves=o["ring_moves"])
 
 
 _LOSSES = {

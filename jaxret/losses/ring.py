@@ -18,8 +18,8 @@ import jax.numpy as jnp
 from jaxret.losses import common
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def lse_sum(block, axes, size, wire_dtype, images, image_aux, texts, text_aux, params):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
+def lse_sum(block, axes, size, wire_dtype, moves, images, image_aux, texts, text_aux, params):
   """sum_i lse_j row[i, j] + sum_j lse_i col[i, j], summed over the ring by the caller.
 
   Rows are this device's images i. Which texts' column terms a device returns is not fixed
@@ -27,18 +27,19 @@ def lse_sum(block, axes, size, wire_dtype, images, image_aux, texts, text_aux, p
   cotangent must be the same on every device (as it is after a psum).
   block(images, image_aux, texts, text_aux, params) -> (row, col), both [b_images, b_texts]
   logits of one block. `texts` (arrays) and `text_aux` (masks, no gradient) travel; texts
-  travel as `wire_dtype` (None: as they are) and are scored as fp32 after arrival.
+  travel as `wire_dtype` (None: as they are) and are scored as fp32 after arrival; `moves`:
+  how (common.Ring).
   """
-  return _forward(block, axes, size, wire_dtype, images, image_aux, texts, text_aux, params)[0]
+  return _forward(block, axes, size, wire_dtype, moves, images, image_aux, texts, text_aux, params)[0]
 
 
 def _score(block, images, image_aux, texts, text_aux, params):
   return block(images, image_aux, texts.astype(images.dtype), text_aux, params)
 
 
-def _forward(block, axes, size, wire_dtype, images, image_aux, texts, text_aux, params):
+def _forward(block, axes, size, wire_dtype, moves, images, image_aux, texts, text_aux, params):
   wire = texts.astype(wire_dtype or texts.dtype)
-  walk = common.Ring(axes, size, wire)
+  walk = common.Ring(axes, size, wire, moves)
   row, col = _score(block, images, image_aux, wire, text_aux, params)  # own block first
   row_lse, col_lse = jax.nn.logsumexp(row, axis=1), jax.nn.logsumexp(col, axis=0)
 
@@ -56,14 +57,15 @@ def _forward(block, axes, size, wire_dtype, images, image_aux, texts, text_aux, 
   return total, (row_lse, wire, text_aux, col_lse)
 
 
-def _lse_sum_fwd(block, axes, size, wire_dtype, images, image_aux, texts, text_aux, params):
-  total, held = _forward(block, axes, size, wire_dtype, images, image_aux, texts, text_aux, params)
+def _lse_sum_fwd(block, axes, size, wire_dtype, moves, images, image_aux, texts, text_aux,
+                 params):
+  total, held = _forward(block, axes, size, wire_dtype, moves, images, image_aux, texts, text_aux, params)
   return total, (images, image_aux, params, jnp.zeros((0,), texts.dtype)) + held
 
 
-def _lse_sum_bwd(block, axes, size, wire_dtype, res, g):
+def _lse_sum_bwd(block, axes, size, wire_dtype, moves, res, g):
   images, image_aux, params, like, row_lse, wire, text_aux, col_lse = res
-  walk = common.Ring(axes, size, wire)  # moves as the forward's did
+  walk = common.Ring(axes, size, wire, moves)  # moves as the forward's did
 
   def visit(wire, text_aux, col_lse):
     # d lse / d logit = softmax weight; recompute the block and pull the weights back.

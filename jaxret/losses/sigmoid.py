@@ -21,17 +21,17 @@ IMPLS = ("all_gather", "ring")
 
 
 def sigmoid_loss(image_emb, text_emb, scale, bias, *, mesh, axes=common.DEFAULT_AXES,
-                 impl="all_gather"):
+                 impl="all_gather", moves="auto"):
   """`sigmoid_reference` on global arrays whose batch is split over mesh `axes`.
 
   The loss is one sum over all B x B pairs, so local image rows against all texts cover
   every pair once. impl "all_gather": gather the texts, memory b x B. "ring" (SigLIP
-  §3.3): pass the texts round the ring instead, memory b x b.
+  §3.3): pass the texts round the ring instead, memory b x b; `moves`: how (common.Ring).
   """
   axes = common.batch_axes(mesh, axes)
   batch = common.global_batch(mesh, axes, image_emb=image_emb, text_emb=text_emb)
   if impl == "ring":
-    return _ring(image_emb, text_emb, scale, bias, mesh, axes, batch)
+    return _ring(image_emb, text_emb, scale, bias, mesh, axes, batch, moves)
 
   def local(images, texts, scale, bias):
     labels = common.positive_columns(images.shape[0], axes)
@@ -51,7 +51,7 @@ def _block_loss(images, texts, scale, bias, own):
   return -jnp.sum(jax.nn.log_sigmoid(signs * logits))
 
 
-def _ring_sum(images, texts, scale, bias, axes, size, grads):
+def _ring_sum(images, texts, scale, bias, axes, size, moves, grads):
   """The local sum over all pairs of this device's images, with its gradients when `grads`.
 
   Every block's gradient is known as soon as the block is (no global normaliser), so the
@@ -66,7 +66,7 @@ def _ring_sum(images, texts, scale, bias, axes, size, grads):
     return value, pull(jnp.ones_like(value))
 
   total, d = visit(texts, own=True)
-  ring = common.Ring(axes, size, texts)
+  ring = common.Ring(axes, size, texts, moves)
 
   def step(carry, parity):
     total, texts, d = carry
@@ -86,28 +86,28 @@ def _ring_sum(images, texts, scale, bias, axes, size, grads):
   return total, d
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _ring_loss(images, texts, scale, bias, axes, size):
-  return _ring_sum(images, texts, scale, bias, axes, size, grads=False)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _ring_loss(images, texts, scale, bias, axes, size, moves):
+  return _ring_sum(images, texts, scale, bias, axes, size, moves, grads=False)[0]
 
 
-def _ring_loss_fwd(images, texts, scale, bias, axes, size):
-  return _ring_sum(images, texts, scale, bias, axes, size, grads=True)
+def _ring_loss_fwd(images, texts, scale, bias, axes, size, moves):
+  return _ring_sum(images, texts, scale, bias, axes, size, moves, grads=True)
 
 
-def _ring_loss_bwd(axes, size, d, g):
+def _ring_loss_bwd(axes, size, moves, d, g):
   return tuple(g * x for x in d)
 
 
 _ring_loss.defvjp(_ring_loss_fwd, _ring_loss_bwd)
 
 
-def _ring(image_emb, text_emb, scale, bias, mesh, axes, batch):
+def _ring(image_emb, text_emb, scale, bias, mesh, axes, batch, moves):
   size = common.ring_size(mesh, axes)
 
   def local(images, texts, scale, bias):
     total = _ring_loss(images, texts, common.varying(scale, axes), common.varying(bias, axes),
-                       axes, size)
+                       axes, size, moves)
     return jax.lax.psum(total, axes) / batch
 
   sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(axes), P(axes), P(), P()), out_specs=P())

@@ -18,17 +18,19 @@ def softmax_reference(image_emb, text_emb, scale):
 IMPLS = ("all_gather", "ring")
 
 
-def softmax_loss(image_emb, text_emb, scale, *, mesh, axes=common.DEFAULT_AXES, impl="all_gather"):
+def softmax_loss(image_emb, text_emb, scale, *, mesh, axes=common.DEFAULT_AXES, impl="all_gather",
+                 moves="auto"):
   """`softmax_reference` on global arrays whose batch is split over mesh `axes`.
 
   impl "all_gather": local rows against the gathered batch, memory b x B (the gather's
   transpose, a reduce-scatter, carries the gradients back). "ring": `ring.lse_sum`,
-  memory b x b, each block scored once for both directions.
+  memory b x b, each block scored once for both directions; `moves`: how texts travel
+  (common.Ring).
   """
   axes = common.batch_axes(mesh, axes)
   batch = common.global_batch(mesh, axes, image_emb=image_emb, text_emb=text_emb)
   if impl == "ring":
-    return _ring(image_emb, text_emb, scale, mesh, axes, batch)
+    return _ring(image_emb, text_emb, scale, mesh, axes, batch, moves)
 
   def local(images, texts, scale):
     labels = common.positive_columns(images.shape[0], axes)
@@ -46,12 +48,12 @@ def _block(images, _, texts, __, scale):
   return logits, logits  # image rows and text columns of the same logits
 
 
-def _ring(image_emb, text_emb, scale, mesh, axes, batch):
+def _ring(image_emb, text_emb, scale, mesh, axes, batch, moves):
   size = common.ring_size(mesh, axes)
 
   def local(images, texts, scale):
     scale = common.varying(scale, axes)
-    normalisers = ring.lse_sum(_block, axes, size, None, images, None, texts, None, scale)
+    normalisers = ring.lse_sum(_block, axes, size, None, moves, images, None, texts, None, scale)
     positives = scale * jnp.sum(images * texts, axis=1)  # the diagonal of the own block
     return jax.lax.psum(normalisers - 2 * jnp.sum(positives), axes) / (2 * batch)
 
