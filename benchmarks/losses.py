@@ -121,6 +121,8 @@ def rows(args):
   plan = []
   if args.ratios_only or args.moves_only:
     return plan
+  if args.scaling_only:
+    sweep = []
   for name in ("softmax", "sigmoid"):
     for impl in ("gspmd", "naive", "all_gather", "ring"):
       plan += [(name, impl, 8, b, 1.0) for b in sweep]
@@ -129,7 +131,7 @@ def rows(args):
       if impl in ("gspmd", "naive") and fraction < 1:
         continue
       plan += [("filip", impl, 8, b, fraction)
-               for b in (sweep[:2] if impl in ("gspmd", "naive") else sweep)]
+               for b in (sweep[:3] if impl in ("gspmd", "naive") else sweep)]
   # Fixed local batch b, growing device count: the ring's memory follows b, GSPMD's and the
   # gather's follow B.
   for name, local in (("softmax", 512), ("sigmoid", 512), ("filip", 64)):
@@ -179,6 +181,8 @@ def main():
   parser.add_argument("--impls", default="gspmd,naive,all_gather,ring",
                       help="comma-separated rows of the first table")
   parser.add_argument("--ratios-only", action="store_true", help="print only the second table")
+  parser.add_argument("--scaling-only", action="store_true",
+                      help="first table: only the rows at fixed local batch over 1-8 devices")
   parser.add_argument("--moves-only", action="store_true",
                       help="print only the third table (ring moves: ppermute vs swaps)")
   args = parser.parse_args()

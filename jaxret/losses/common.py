@@ -82,10 +82,11 @@ SMALL_BLOCK_BYTES = 256 * 2**10
 
 # How a ring move travels, per backend (`loss.ring_moves=auto`). "swaps": pairwise exchanges
 # (a two-device all_gather each); "ppermute": one collective over all D devices. Measured on
-# CPU (BENCHMARKS.md, "Ring moves"): on simulated devices a ppermute makes every device wait for
-# the slowest, and swaps of small blocks ran 1.3-2x faster. GPU and TPU: not measured yet (one
-# GPU at most was lent, and a ring needs two or more), so they keep ppermute, the collective
-# every backend implements, until `benchmarks/losses.py --moves` is run there.
+# CPU (BENCHMARKS.md, "Ring moves"): on simulated devices a ppermute makes every device wait
+# for the slowest, and swaps of 32-256 KiB blocks ran 1.1-1.7x faster. GPU and TPU: not
+# measured yet (one GPU at most was lent, and a ring needs two or more), so they keep
+# ppermute, the collective every backend implements, until `benchmarks/losses.py
+# --moves-only` is run there.
 RING_MOVES = {"cpu": "swaps", "gpu": "ppermute", "tpu": "ppermute"}
 MOVES = ("auto", "ppermute", "swaps")
 
