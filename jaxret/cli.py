@@ -38,7 +38,7 @@ def _parser():
   e.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   e.add_argument("--tasks", default=None,
                  help="comma-separated evaluations instead of the config's eval.tasks "
-                      "(retrieval, hubness, zeroshot)")
+                      "(retrieval, hubness, zeroshot, compositional)")
   e.add_argument("--data-dir", default=None,
                  help="the data set to evaluate on instead of the config's data.dir (e.g. when "
                       "the run was trained with a relative path)")

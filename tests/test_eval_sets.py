@@ -110,7 +110,9 @@ def run(folder_data, tmp_path_factory):
   data_dir, _ = folder_data
   cfg = load_config(os.path.join(ROOT, "configs", "demo.py") + ":softmax",
                     TINY + [f"data.dir={data_dir}", "data.eval_split=train", "total_steps=3",
-                            "batch_size=8", "optim.warmup_steps=1", "checkpoint.every=0"])
+                            "batch_size=8", "optim.warmup_steps=1", "checkpoint.every=0",
+                            # the library's defaults (the demo adds compositional)
+                            f"eval.tasks={tuple(config.defaults().eval.tasks)!r}"])
   assert tuple(cfg.eval.tasks) == config.defaults().eval.tasks
   workdir = str(tmp_path_factory.mktemp("run"))
   out = io.StringIO()

@@ -2,7 +2,8 @@
 
 `jaxret plot --workdir DIR` (re)writes DIR/plots/recall_at_k.png and DIR/plots/training.png;
 `jaxret eval` writes them too. With named evaluation sets (eval.sets) each set gets its own
-recall_at_k_NAME.png, and training.png draws each set's R@1 and zero-shot top-1 under its name.
+recall_at_k_NAME.png, and training.png draws each set's R@1, zero-shot top-1 and compositional
+accuracy under its name.
 """
 import io
 import json
@@ -53,7 +54,8 @@ def recall_curves(result, path):
 
 
 def training_curves(rows, path):
-  """Loss (and the temperature) per step; primary Recall@K and zero-shot per evaluation."""
+  """Loss (and the temperature) per step; primary Recall@K, zero-shot and compositional
+  accuracy per evaluation."""
   plt = _pyplot()
   train = [r for r in rows if "loss" in r]
   evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
@@ -67,7 +69,8 @@ def training_curves(rows, path):
   ax.set_title("training loss")
   ax = axes[1]
   shown = ("i2t_R@1", "t2i_R@1", "i2t_R@5", "t2i_R@5", "zeroshot_image/top1",
-           "zeroshot_item/top1", "zeroshot_scene/top1")
+           "zeroshot_item/top1", "zeroshot_scene/top1", "compositional_attribute/accuracy",
+           "compositional_object/accuracy", "compositional_relation/accuracy")
   keys = [k for k in [f"eval/{x}" for x in shown]
           + [f"eval/{n}/{x}" for n in _set_names(evals) for x in shown if "@5" not in x]
           if any(k in r for r in evals)]
@@ -89,14 +92,16 @@ def training_curves(rows, path):
 
 
 def _set_names(rows):
-  """The named sets of metric rows, in order: eval/NAME/i2t_R@1 or eval/NAME/zeroshot_V/top1
-  (eval/pooled/i2t_R@1 is a scoring of the unnamed set, eval/zeroshot_item/top1 its zero-shot)."""
+  """The named sets of metric rows, in order: eval/NAME/i2t_R@1, eval/NAME/zeroshot_V/top1 or
+  eval/NAME/compositional_T/accuracy (eval/pooled/i2t_R@1 is a scoring of the unnamed set,
+  eval/zeroshot_item/top1 its zero-shot)."""
   names = {}
   for r in rows:
     for k in r:
       p = k.split("/")
       if p[0] == "eval" and ((len(p) == 3 and p[2] == "i2t_R@1")
-                             or (len(p) == 4 and p[2].startswith("zeroshot_"))):
+                             or (len(p) == 4 and p[2].startswith(("zeroshot_",
+                                                                  "compositional_")))):
         names.setdefault(p[1])
   return [n for n in names if n not in VARIANT_NAMES]
 

@@ -15,7 +15,8 @@ VARIANT_NAMES = {
 
 
 def format_table(result, title=None):
-  """Recall@K in percent, mean/median rank (1 = best) and rsum per scoring; zero-shot. A
+  """Recall@K in percent, mean/median rank (1 = best) and rsum per scoring; zero-shot;
+  compositional accuracy. A
   result of several named sets is one such table per set, under its name."""
   if "sets" in result:
     return "\n\n".join(
@@ -27,6 +28,7 @@ def format_table(result, title=None):
   if "i2t" in result:
     lines += _retrieval_rows(result)
   lines += _zeroshot_rows(result.get("zeroshot"))
+  lines += _compositional_rows(result.get("compositional"))
   for task, why in result.get("skipped", {}).items():
     lines.append(f"{task} skipped: {why}")
   return "\n".join(lines)
@@ -74,6 +76,23 @@ def _zeroshot_rows(zs):
       tops = [k for k in z if k.startswith("top")]
       lines.append(f"  {view:<6}({z['num_images']} images) " + "  ".join(
           f"{k} {100 * z[k]:.1f}% [{100 * z['chance'][k]:.1f}%]" for k in tops))
+  return lines
+
+
+def _compositional_rows(comp):
+  if not comp:
+    return []
+  lines = ["compositional: true caption vs swapped variants  (chance in brackets)"]
+  for name, c in comp.items():
+    if not isinstance(c, dict):
+      continue
+    if c["accuracy"] is None:
+      lines.append(f"  {name:<10}no variants ({c['no_variants']} images)")
+      continue
+    lines.append(f"  {name:<10}{100 * c['accuracy']:5.1f}% [{100 * c['chance']:.1f}%]  "
+                 f"({c['images']} images, {c['pairs']} pairs)")
+  if comp.get("mean") is not None:
+    lines.append(f"  {'mean':<10}{100 * comp['mean']:5.1f}%")
   return lines
 
 

@@ -8,6 +8,9 @@
              config gives classes (jaxret/data/classes.py: the demo's items, records' labels
              with a class file or a TFDS source's label names); skipped, with one printed
              line, on a set without any
+  compositional  the true caption against swapped variants of it, per swap type (attribute,
+             object, relation; compositional.py); skipped, with one printed line, on a set
+             whose captions have no word to swap (found when the set is first evaluated)
 
 Everything the tasks need is checked when the evaluator is built, which training does before
 its first step: each set's dir and split, the bank's split, the classes and a first label.
@@ -16,8 +19,8 @@ Every set is tokenized with the run's tokenizer; a set's own tokenizer is never 
 Result of one set (also eval.json when eval.sets is ()): {"step", "split", "similarity",
 "num_pairs" (= images), "num_images", "num_captions", "tasks", "primary", "i2t", "t2i" (the
 primary variant's Recall@K), "rsum", "retrieval": {variant: {"i2t", "t2i", "rsum", "curve"}},
-"zeroshot", "skipped": {task: why}}. With named sets: {"step", "sets": {name: that result,
-plus "data_dir"}}, in the order of eval.sets.
+"zeroshot", "compositional", "skipped": {task: why}}. With named sets: {"step", "sets": {name:
+that result, plus "data_dir"}}, in the order of eval.sets.
 """
 import dataclasses
 
@@ -29,13 +32,13 @@ from jaxret.data import classes as class_sources, sources
 from jaxret.data.pipeline import eval_records
 from jaxret.errors import UserError, did_you_mean
 from jaxret.parallel import partitioning
-from jaxret.eval import zeroshot
+from jaxret.eval import compositional, zeroshot
 from jaxret.eval.embed import Embedder, concat
 from jaxret.eval.ranking import Ranker
 from jaxret.eval.report import VARIANT_NAMES
 from jaxret.eval.retrieval import RetrievalEvaluator
 
-TASKS = ("retrieval", "hubness", "zeroshot")
+TASKS = ("retrieval", "hubness", "zeroshot", "compositional")
 
 
 def check_tasks(tasks):
@@ -125,11 +128,10 @@ class Evaluator:
     if "hubness" in self.tasks:
       _check_split(data_dir, manifest, train_split, "data.train_split (the hubness bank's)",
                    " (or remove 'hubness' from eval.tasks)")
+    self._said = set()  # (set, task) whose skip line is printed: once per evaluator
     for s in self.sets:
       for task, why in s.skipped:
-        if jax.process_index() == 0:
-          print(f"eval: skipping {task}" + (f" on '{s.name}'" if self.named else "")
-                + f": {why}", flush=True)
+        self._say_skipped(s, task, why)
     self.late = loss.similarity == "late_interaction"
     self.embed = Embedder(model, mesh, param_shardings, eval_cfg.batch_size, tokens=self.late,
                           rules=rules)
@@ -138,13 +140,16 @@ class Evaluator:
 
   # -- embedding ---------------------------------------------------------------------------
 
-  def embed_records(self, params, split, max_records=None, eval_set=None, data_dir=None):
+  def embed_records(self, params, split, max_records=None, eval_set=None, data_dir=None,
+                    records=False):
     """Embeds images and captions of a split, in record order; with an `eval_set` that has
-    classes, also each record's labels (and, for the demo's items, per-item views)."""
+    classes, also each record's labels (and, for the demo's items, per-item views); with
+    `records`, each record's (first caption, meta) as "records"."""
     m = self.cfg.captions_per_image or None
     data_dir = eval_set.data_dir if eval_set else (data_dir or self.data_dir)
     classes = eval_set.classes if eval_set else None
     images, texts, owner, labels, view_parts, view_labels = [], [], [], [], [], []
+    kept = []
     start = 0
     for batch in eval_records(data_dir, batch_size=self.embed.batch_size, split=split,
                               max_records=max_records, image_size=self.image_size):
@@ -153,6 +158,8 @@ class Evaluator:
       texts.append(self.embed(params, "text", self.tokenizer.encode_batch(
           [c for cs in caps for c in cs])))
       owner += [start + i for i, cs in enumerate(caps) for _ in cs]
+      if records:
+        kept += [(cs[0], meta) for cs, meta in zip(caps, batch["meta"])]
       if classes is not None:
         labels += [classes.label(meta, f"record {start + i} of '{data_dir}' split '{split}'")
                    for i, meta in enumerate(batch["meta"])]
@@ -171,6 +178,8 @@ class Evaluator:
       emb["labels"] = labels
     if view_labels:
       emb["views"], emb["view_labels"] = concat(view_parts), view_labels
+    if records:
+      emb["records"] = kept
     return self._filip_masks(emb)
 
   def _filip_masks(self, emb):
@@ -178,6 +187,8 @@ class Evaluator:
     if self.late and not getattr(self.loss, "options", {}).get("filip_special_tokens", True):
       from jaxret.losses.filip import drop_special
       for kind in ("image", "text"):
+        if kind not in emb:
+          continue
         e = emb[kind]
         e[f"{kind}_mask"] = np.asarray(drop_special(e[f"{kind}_mask"], e[f"{kind}_special"]))
     return emb
@@ -204,7 +215,10 @@ class Evaluator:
     """One set's result; `bank()` gives the hubness bank's embeddings."""
     c = self.cfg
     zero = "zeroshot" in self.tasks and s.classes is not None
-    emb = self.embed_records(params, s.split, eval_set=s if zero else None)
+    comp = "compositional" in self.tasks
+    # data_dir: a named set without zero-shot classes is still its own folder, not data.dir.
+    emb = self.embed_records(params, s.split, eval_set=s if zero else None, data_dir=s.data_dir,
+                             records=comp)
     n, t = len(emb["image"]["image_emb"]), len(emb["caption_image"])
     result = {"step": int(step), "split": s.split, "similarity": self.loss.similarity,
               "num_pairs": int(n), "num_images": int(n), "num_captions": int(t),
@@ -218,9 +232,23 @@ class Evaluator:
                     retrieval=r["variants"])
     if zero:
       result["zeroshot"] = self.zeroshot(params, emb, s.classes)
-    if s.skipped:
-      result["skipped"] = dict(s.skipped)
+    skipped = dict(s.skipped)
+    if comp:
+      out = self.compositional(params, emb, s)
+      if isinstance(out, str):
+        skipped["compositional"] = out
+        self._say_skipped(s, "compositional", out)
+      else:
+        result["compositional"] = out
+    if skipped:
+      result["skipped"] = skipped
     return result
+
+  def _say_skipped(self, s, task, why):
+    if (s.name, task) not in self._said and jax.process_index() == 0:
+      print(f"eval: skipping {task}" + (f" on '{s.name}'" if self.named else "") + f": {why}",
+            flush=True)
+    self._said.add((s.name, task))
 
   def zeroshot(self, params, emb, classes):
     templates = list(self.cfg.zeroshot_templates) or list(
@@ -237,3 +265,22 @@ class Evaluator:
     if emb.get("view_labels"):
       out["item"] = zeroshot.accuracy(emb["views"]["image_emb"], class_emb, emb["view_labels"], ks)
     return out
+
+  def compositional(self, params, emb, s):
+    """The compositional result of a set, or why it is skipped (no caption has a word to swap;
+    known only once its captions are read)."""
+    # The demo's variants come from each scene's items; other data's from its captions alone,
+    # whatever its meta holds.
+    demo = "cells" in s.manifest
+    records = emb["records"] if demo else [(caption, {}) for caption, _ in emb["records"]]
+    p = compositional.plan(records, self.tokenizer.encode_batch,
+                           classes=s.manifest.get("classes") if demo else None)
+    if not len(p.kind):
+      return (f"no caption of data '{s.data_dir}' split '{s.split}' has a colour, number, "
+              "object or spatial word to swap (see jaxret/data/caption_swaps.py)")
+    variants = self._filip_masks({"text": self.embed(params, "text", p.ids)})["text"]
+    first = np.searchsorted(emb["caption_image"], np.arange(p.num_images))  # record order
+    gallery = {k: np.concatenate([emb["text"][k][first], v]) for k, v in variants.items()}
+    rows, kinds = compositional.candidates(p.image, p.kind, p.num_images)
+    scores = compositional.pair_scores(emb["image"], gallery, rows, late=self.late)
+    return compositional.accuracy(scores, kinds)
