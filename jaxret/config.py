@@ -17,7 +17,8 @@ import ml_collections
 from jaxret.errors import UserError, did_you_mean
 
 # Every loss option with its default (checked by jaxret/losses/registry.py); the config's
-# `loss` section has exactly these keys (plus `name`). The filip_* keys only matter to FILIP.
+# `loss` section has exactly these keys (plus `name`). The filip_* keys only matter to FILIP,
+# the triplet_* keys to triplet.
 LOSS_OPTIONS = dict(
     impl="all_gather",           # "all_gather" (memory b x B) | "ring" (memory b x b)
     # How the ring's blocks travel: "auto" (this backend's entry of losses/common.py's measured
@@ -29,6 +30,10 @@ LOSS_OPTIONS = dict(
     filip_comm_dtype="float32",  # dtype texts are communicated in: float32 | bfloat16 | float16
     filip_special_tokens=True,   # score the image cls / text end token too
     filip_chunk=32,              # examples per side of one similarity tile (0: a whole block)
+    # triplet (VSE++): the hinge's margin on cosine similarities (the paper's 0.2), and whether
+    # each positive pair pays for its hardest negative only (VSE++) or for all of them (VSE0).
+    triplet_margin=0.2,
+    triplet_max_violation=True,
 )
 
 # Logical axis name -> mesh axis (a name, a tuple of names, or None: replicated), the default
@@ -80,7 +85,11 @@ def defaults() -> ml_collections.ConfigDict:
   # the weights; they must share data.dir's tokenizer, and evaluation stays on data.dir.
   # augment: training random-resized-crop (open_clip's default scale) and horizontal flip (off:
   # captions that say "left"/"right" would lie). Evaluation resizes and center-crops.
+  # hard_negatives: k swapped captions per example (jaxret/data/caption_swaps.py: from the demo's
+  # scene metadata, else rule-based word swaps) that join the losses' image->text side as
+  # columns that are never positive (NegCLIP); 0: none.
   c.data = dict(dir="demo_data", train_split="train", eval_split="test", workers=0,
+                hard_negatives=0,
                 mixture=(), augment=dict(crop_scale=(0.9, 1.0), crop_ratio=(3 / 4, 4 / 3),
                                          flip=False, enabled=True))
 
@@ -139,7 +148,9 @@ def defaults() -> ml_collections.ConfigDict:
   c.checkpoint = dict(every=100, keep=3, async_save=True)
   # Evaluations (jaxret/eval/suite.py): run by `jaxret eval`, every eval_every steps and at
   # the end of training. Every task runs on any converted data; zeroshot is skipped, with one
-  # printed line, on a set that has no classes (see zeroshot_classes).
+  # printed line, on a set that has no classes (see zeroshot_classes). Also valid, not run by
+  # default: "compositional" (true caption vs swapped variants; skipped, with one printed
+  # line, when no caption has a word to swap).
   c.eval = dict(
       batch_size=250, ks=(1, 5, 10),
       tasks=("retrieval", "hubness", "zeroshot"),
@@ -353,6 +364,10 @@ def validate(cfg):
   if not 0 < lo <= hi:
     raise UserError(f"data.augment.crop_ratio must be (min, max) with 0 < min <= max, got "
                     f"{tuple(aug.crop_ratio)}")
+  k = cfg.data.hard_negatives
+  if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+    raise UserError(f"data.hard_negatives must be a whole number >= 0 (swapped captions per "
+                    f"example; 0: none), got {k!r}")
   if cfg.optim.mu_dtype not in ("", "bfloat16", "float32"):
     raise UserError(f"optim.mu_dtype must be '', 'float32' or 'bfloat16', got "
                     f"'{cfg.optim.mu_dtype}'")

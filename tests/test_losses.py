@@ -265,7 +265,7 @@ def test_filip_reference_ignores_huge_padding():
 
 
 def test_registry():
-  assert losses.LOSS_NAMES == ("filip", "sigmoid", "softmax")
+  assert losses.LOSS_NAMES == ("filip", "sigmoid", "softmax", "triplet")
   softmax, sigmoid, filip = (losses.get_loss(n) for n in ("softmax", "sigmoid", "filip"))
   assert (softmax.needs_tokens, softmax.uses_bias, softmax.similarity) == (False, False, "pooled")
   assert (sigmoid.needs_tokens, sigmoid.uses_bias, sigmoid.similarity) == (False, True, "pooled")
@@ -275,7 +275,7 @@ def test_registry():
 def test_unknown_loss_names_nearest():
   with pytest.raises(UserError) as err:
     losses.get_loss("sigmod")
-  assert str(err.value) == "unknown loss 'sigmod' (did you mean 'sigmoid'?); valid: filip, sigmoid, softmax"
+  assert str(err.value) == "unknown loss 'sigmod' (did you mean 'sigmoid'?); valid: filip, sigmoid, softmax, triplet"
   for bad in ("clip_softmax", "Softmax", "", None):  # no substring or case folding
     with pytest.raises(UserError):
       losses.get_loss(bad)
@@ -288,7 +288,9 @@ def test_registry_fn_reads_model_outputs():
   outputs = dict(image_emb=x, text_emb=y, image_tokens=it, image_mask=im, text_tokens=tt,
                  text_mask=tm, scale=np.float32(SCALE), bias=np.float32(BIAS))
   for name in losses.LOSS_NAMES:
-    want = _REFERENCES[name](*_args(name))
+    # triplet: VSE++ on cosines at its default margin and form (no scale)
+    want = (losses.triplet_reference(x, y, 0.2, True) if name == "triplet"
+            else _REFERENCES[name](*_args(name)))
     fn = functools.partial(losses.get_loss(name).fn, mesh=mesh, axes=("data", "fsdp"),
                            options=dict(filip_token_fraction=1.0))  # every token, as the reference
     _close(jax.jit(fn)(outputs), want)

@@ -77,20 +77,20 @@ def _same_tokenizer(data_dir, manifest, other_dir):
                     f"convert it with --tokenizer {Path(data_dir) / manifest['tokenizer']}")
 
 
-def _source_order(data_dir, split, seed):
+def _source_order(data_dir, split, seed, keep_meta=False):
   """One source's records: shuffled, reshuffled every epoch, repeated forever, broken
   records substituted (SkipBad); uint8 images at their stored size."""
   records = grain.MapDataset.source(sources.open_split(data_dir, split))
   ds = (records.seed(seed)
         .shuffle()
         .repeat(None)  # reseed_each_epoch (default): a new order every epoch.
-        .map(transforms.DecodeRecord(skip_bad=True)))
+        .map(transforms.DecodeRecord(skip_bad=True, keep_meta=keep_meta)))
   return transforms.SkipBad(ds), len(records)
 
 
 def train_iterator(data_dir, *, batch_size, text_len, seed, image_size=None, augment=None,
                    mixture=None, process_index=None, process_count=None, split="train",
-                   workers=0):
+                   workers=0, hard_negatives=0):
   """Infinite, resumable iterator of this process's rows of each global training batch.
 
   Yields {"image": uint8 [batch_size,S,S,3], "text": int32 [batch_size,text_len]} with S =
@@ -103,14 +103,15 @@ def train_iterator(data_dir, *, batch_size, text_len, seed, image_size=None, aug
   restore the position with `get_state()`/`set_state()` (or grain.checkpoint.CheckpointSave/
   Restore). `workers` > 0 decodes in that many worker processes (grain mp_prefetch, spawned:
   the calling script needs an `if __name__ == "__main__":` guard); batches and resume are
-  the same as with 0.
+  the same as with 0. `hard_negatives` = k adds "neg_text" int32 [batch_size, k, text_len]:
+  swapped variants of each example's caption (transforms.HardNegatives).
   """
   _check_batch_size(batch_size)
   index, count = _process_shard(process_index, process_count)
   manifest = sources.load_manifest(data_dir)
   image_size = int(image_size or manifest["image_size"])
   if not mixture:
-    ds, n = _source_order(data_dir, split, seed)
+    ds, n = _source_order(data_dir, split, seed, keep_meta=hard_negatives > 0)
     if n < batch_size * count:
       raise UserError(f"split '{split}' of '{data_dir}' has {n} records, fewer than one global "
                       f"batch of {batch_size * count}; lower the batch size or use more data")
@@ -118,10 +119,12 @@ def train_iterator(data_dir, *, batch_size, text_len, seed, image_size=None, aug
     parts = []
     for k, (source_dir, _) in enumerate(mixture):  # weights checked by sources.parse_mixture
       _same_tokenizer(data_dir, manifest, source_dir)
-      parts.append(_source_order(source_dir, split, seed * 1009 + k)[0])
+      parts.append(_source_order(source_dir, split, seed * 1009 + k, hard_negatives > 0)[0])
     ds = grain.MapDataset.mix(parts, [float(w) for _, w in mixture]).seed(seed)
-  ds = (ds.random_map(transforms.TrainView(image_size, augment))
-        .map(_tokenize(data_dir, manifest, text_len))
+  ds = ds.random_map(transforms.TrainView(image_size, augment))
+  if hard_negatives:
+    ds = ds.random_map(transforms.HardNegatives(hard_negatives, manifest.get("classes")))
+  ds = (ds.map(_tokenize(data_dir, manifest, text_len))
         .batch(batch_size, drop_remainder=True))[index::count]
   ds = ds.to_iter_dataset(_read_options(batch_size))
   if workers:
@@ -129,6 +132,30 @@ def train_iterator(data_dir, *, batch_size, text_len, seed, image_size=None, aug
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(workers),
                                                      per_worker_buffer_size=2))
   return CountSkipped(iter(ds))
+
+
+SWAP_PROBE = 200  # records checked at start for data.hard_negatives
+
+
+def check_hard_negatives(data_dir, split, k):
+  """Refuses, before training, hard negatives on data whose first SWAP_PROBE captions have
+  no swappable word (NegCLIP-style swaps need colours, counts, relations or objects)."""
+  if not k:
+    return
+  from jaxret.data import caption_swaps
+  manifest = sources.load_manifest(data_dir)
+  records = sources.open_split(data_dir, split)
+  for i in range(min(SWAP_PROBE, len(records))):
+    record = sources.decode_record(records[i])
+    for caption in transforms.clean_captions(record.get("captions", []))[:1]:
+      variants = caption_swaps.swaps_for_record(record.get("meta"), caption, 1, 0,
+                                                classes=manifest.get("classes"))
+      if any(variants.values()):
+        return
+  raise UserError(f"data.hard_negatives={k}: none of the first {min(SWAP_PROBE, len(records))} "
+                  f"captions of '{data_dir}' split '{split}' has a swappable word (a colour, "
+                  f"count, spatial relation or common object; jaxret/data/caption_swaps.py); "
+                  f"set data.hard_negatives=0")
 
 
 class CountSkipped(grain.DatasetIterator):
@@ -166,14 +193,11 @@ class _WholeRecord(grain.transforms.Map):
   caption and the meta."""
 
   def __init__(self, image_size):
-    self.decode = transforms.DecodeRecord(skip_bad=True)
+    self.decode = transforms.DecodeRecord(skip_bad=True, keep_meta=True)
     self.crop = transforms.CenterCrop(image_size)
 
   def map(self, element):
-    out = self.crop.map(self.decode.map(element))
-    if "bad" not in out:
-      out["meta"] = sources.decode_record(element).get("meta", {})
-    return out
+    return self.crop.map(self.decode.map(element))
 
 
 def eval_records(data_dir, *, batch_size, split="test", max_records=None, image_size=None):

@@ -63,11 +63,11 @@ class DecodeRecord(grain.transforms.Map):
   """Raw bytes -> {"image": uint8 [H,W,3] at the stored size, "captions": [str]}.
 
   With `skip_bad`, a record that cannot be used becomes {"bad": reason} (for SkipBad below)
-  instead of raising.
+  instead of raising. With `keep_meta`, the record's "meta" dict comes along (HardNegatives).
   """
 
-  def __init__(self, skip_bad=False):
-    self.skip_bad = skip_bad
+  def __init__(self, skip_bad=False, keep_meta=False):
+    self.skip_bad, self.keep_meta = skip_bad, keep_meta
 
   def decode(self, element):
     """-> (uint8 image [H,W,3], captions); BadRecord when unusable."""
@@ -80,16 +80,16 @@ class DecodeRecord(grain.transforms.Map):
       raise BadRecord(f"no usable caption in {record['captions']!r:.80}")
     if not isinstance(record["image"], bytes):
       raise BadRecord(f"image is {type(record['image']).__name__}, not encoded bytes")
-    return decode_image(record["image"]), captions
+    return decode_image(record["image"]), captions, record.get("meta") or {}
 
   def map(self, element):
     try:
-      image, captions = self.decode(element)
+      image, captions, meta = self.decode(element)
     except BadRecord as e:
       if self.skip_bad:
         return {"bad": str(e)}
       raise UserError(f"bad record: {e}; reconvert the data") from None
-    return {"image": image, "captions": captions}
+    return {"image": image, "captions": captions, **({"meta": meta} if self.keep_meta else {})}
 
 
 class CenterCrop(grain.transforms.Map):
@@ -163,8 +163,42 @@ class TrainView(grain.transforms.RandomMap):
     return out
 
 
+class HardNegatives(grain.transforms.RandomMap):
+  """Adds "neg_captions": `k` swapped variants of the example (caption_swaps.swaps_for_record:
+  the demo's scene metadata, else word swaps of the chosen caption). The swap types take turns
+  from a random first one, so k >= 3 covers attribute, object and relation alike (pooling them
+  would draw relations rarely: the demo has 1 against up to 17 object variants); within a
+  type, variants are drawn without repeats until it runs out. With none at all (no swappable
+  word), the caption's words in another order stand in, as NegCLIP's shuffled negatives."""
+
+  def __init__(self, k, classes=None):
+    self.k = int(k)
+    self.classes = tuple(classes) if classes else None
+
+  def random_map(self, element, rng):
+    from jaxret.data import caption_swaps
+    out = {key: v for key, v in element.items() if key != "meta"}
+    caption = element["caption"]
+    groups = [list(g) for g in caption_swaps.swaps_for_record(
+        element.get("meta"), caption, None, rng, classes=self.classes).values() if g]
+    if not groups:
+      words = caption.split()
+      shuffled = " ".join(words[i] for i in rng.permutation(len(words)))
+      groups = [[shuffled if shuffled != caption else " ".join(reversed(words))]]
+    for g in groups:
+      rng.shuffle(g)
+    first = int(rng.integers(len(groups)))
+    negatives = []
+    for i in range(self.k):
+      g = groups[(first + i) % len(groups)]
+      negatives.append(g[(i // len(groups)) % len(g)])
+    out["neg_captions"] = negatives
+    return out
+
+
 class Tokenize(grain.transforms.Map):
-  """Replaces "caption" by "text", int32 [max_len]."""
+  """Replaces "caption" by "text", int32 [max_len] (and "neg_captions" by "neg_text",
+  int32 [k, max_len])."""
 
   def __init__(self, tokenizer_path, max_len):
     self.tokenizer_path = str(tokenizer_path)
@@ -182,8 +216,10 @@ class Tokenize(grain.transforms.Map):
     return self._tokenizer
 
   def map(self, element):
-    out = {k: v for k, v in element.items() if k != "caption"}
+    out = {k: v for k, v in element.items() if k not in ("caption", "neg_captions")}
     out["text"] = self.tokenizer.encode(element["caption"])
+    if "neg_captions" in element:
+      out["neg_text"] = np.stack([self.tokenizer.encode(c) for c in element["neg_captions"]])
     return out
 
 

@@ -53,6 +53,11 @@ def positive_columns(local_batch, axes):
   return jax.lax.axis_index(axes) * local_batch + jnp.arange(local_batch)
 
 
+def flat(negatives):
+  """Hard negatives [b, k, ...] -> [b * k, ...]: example-major, as the columns are laid out."""
+  return negatives.reshape(-1, *negatives.shape[2:])
+
+
 def dot(a, b):
   """a [m,d] x b [n,d] -> [m,n], accumulated in fp32 so half-precision features stay exact enough."""
   return jnp.einsum("md,nd->mn", a, b, preferred_element_type=jnp.float32)

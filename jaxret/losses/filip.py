@@ -10,6 +10,10 @@ made for tiles of `chunk` images x `chunk` texts, each under `jax.checkpoint`, s
 memory is set by the tile and the b x b (ring) or b x B (all_gather) score matrices,
 not by B x B x Ni x Nt. Only texts are communicated (in `comm_dtype`); optionally only
 the top `token_fraction` of each example's tokens, by the paper's criterion, take part.
+
+Hard negatives (NegCLIP-style): k extra captions per example, [B, k, Nt, d] tokens with their
+masks, join the image->text side (s^I) as columns that are never positive; the text->image side
+is unchanged. They travel with their examples' texts and go through token selection with them.
 """
 
 import functools
@@ -24,8 +28,10 @@ from jaxret.losses import common, ring
 IMPLS = ("all_gather", "ring")
 
 
-def filip_reference(image_tokens, image_mask, text_tokens, text_mask, scale):
-  """Full-batch FILIP loss from the whole [B, B, Ni, Nt] token-similarity tensor."""
+def filip_reference(image_tokens, image_mask, text_tokens, text_mask, scale, neg_tokens=None,
+                    neg_mask=None):
+  """Full-batch FILIP loss from the whole [B, B, Ni, Nt] token-similarity tensor; hard
+  negatives `neg_tokens` [B, k, Nt, d] (mask [B, k, Nt]) extend the image->text rows."""
   image_valid = jnp.asarray(image_mask).astype(bool)[:, None, :]  # [i, 1, k]
   text_valid = jnp.asarray(text_mask).astype(bool)[None, :, :]  # [1, j, r]
   sim = jnp.einsum("ikd,jrd->ijkr", image_tokens, text_tokens)
@@ -33,9 +39,23 @@ def filip_reference(image_tokens, image_mask, text_tokens, text_mask, scale):
   best_image = jnp.max(jnp.where(image_valid[:, :, :, None], sim, -jnp.inf), axis=2)  # [i, j, r]
   s_image = jnp.sum(jnp.where(image_valid, best_text, 0), axis=2) / jnp.sum(image_valid, axis=2)
   s_text = jnp.sum(jnp.where(text_valid, best_image, 0), axis=2) / jnp.sum(text_valid, axis=2)
-  image_to_text = -jnp.mean(jnp.diagonal(jax.nn.log_softmax(scale * s_image, axis=1)))
+  rows = scale * s_image
+  if neg_tokens is not None:
+    negs = filip_reference_scores(image_tokens, image_mask, common.flat(neg_tokens),
+                                  common.flat(neg_mask))
+    rows = jnp.concatenate([rows, scale * negs], axis=1)
+  image_to_text = -jnp.mean(jnp.diagonal(jax.nn.log_softmax(rows, axis=1)))
   text_to_image = -jnp.mean(jnp.diagonal(jax.nn.log_softmax(scale * s_text.T, axis=1)))
   return (image_to_text + text_to_image) / 2
+
+
+def filip_reference_scores(image_tokens, image_mask, text_tokens, text_mask):
+  """s^I [B images, n texts] straight from the definition (the reference's negatives)."""
+  image_valid = jnp.asarray(image_mask).astype(bool)[:, None, :]
+  text_valid = jnp.asarray(text_mask).astype(bool)[None, :, :]
+  sim = jnp.einsum("ikd,jrd->ijkr", image_tokens, text_tokens)
+  best_text = jnp.max(jnp.where(text_valid[:, :, None, :], sim, -jnp.inf), axis=3)
+  return jnp.sum(jnp.where(image_valid, best_text, 0), axis=2) / jnp.sum(image_valid, axis=2)
 
 
 def _token_similarities(image_tokens, text_tokens):
@@ -188,7 +208,7 @@ _gather_as.defvjp(_gather_as_fwd, _gather_as_bwd)
 
 def filip_loss(image_tokens, image_mask, text_tokens, text_mask, scale, *, mesh,
                axes=common.DEFAULT_AXES, impl="all_gather", token_fraction=1.0, comm_dtype=None,
-               chunk=0, moves="auto"):
+               chunk=0, moves="auto", negatives=None):
   """`filip_reference` on global arrays whose batch is split over mesh `axes`.
 
   impl "all_gather": local images against the gathered texts (scores b x B); "ring": texts
@@ -197,21 +217,27 @@ def filip_loss(image_tokens, image_mask, text_tokens, text_mask, scale, *, mesh,
   token_fraction < 1 keeps only each example's top tokens (chosen on each device against its
   local batch, so the result depends on the sharding, as in the paper); comm_dtype (e.g.
   jnp.bfloat16) is the dtype texts are sent in, scores are accumulated in fp32. `moves`: how
-  the ring's texts travel (common.Ring).
+  the ring's texts travel (common.Ring). `negatives`: (tokens [B, k, Nt, d], mask [B, k, Nt]).
   """
   axes = common.batch_axes(mesh, axes)
+  extra = () if negatives is None else (negatives[0], jnp.asarray(negatives[1]).astype(bool))
   batch = common.global_batch(mesh, axes, image_tokens=image_tokens, image_mask=image_mask,
-                              text_tokens=text_tokens, text_mask=text_mask)
+                              text_tokens=text_tokens, text_mask=text_mask,
+                              **dict(zip(("neg_tokens", "neg_mask"), extra)))
   size = common.ring_size(mesh, axes)
   wire = jnp.dtype(comm_dtype or text_tokens.dtype)
 
-  def local(images, image_mask, texts, text_mask, scale):
+  def local(images, image_mask, texts, text_mask, scale, *negs):
+    b = texts.shape[0]
+    if negs:  # negatives after the real texts: selected, sent and scored with them
+      texts = jnp.concatenate([texts, common.flat(negs[0])])
+      text_mask = jnp.concatenate([text_mask, common.flat(negs[1])])
     images, image_mask, texts, text_mask = select_tokens(images, image_mask, texts, text_mask,
                                                          token_fraction, chunk)
     scale = common.varying(scale, axes)
     # The positives use the texts as they would arrive over the wire.
     sent = texts + jax.lax.stop_gradient(texts.astype(wire).astype(texts.dtype) - texts)
-    pos_image, pos_text = pair_scores(images, image_mask, sent, text_mask)
+    pos_image, pos_text = pair_scores(images, image_mask, sent[:b], text_mask[:b])
     positives = scale * (jnp.sum(pos_image) + jnp.sum(pos_text))
     if impl == "ring":
       normalisers = ring.lse_sum(_ring_block(chunk), axes, size, wire, moves, images, image_mask,
@@ -221,15 +247,17 @@ def filip_loss(image_tokens, image_mask, text_tokens, text_mask, scale, *, mesh,
                                           chunk)
     return jax.lax.psum(normalisers - positives, axes) / (2 * batch)
 
-  sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(axes),) * 4 + (P(),), out_specs=P())
+  sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(axes),) * 4 + (P(),) + (P(axes),) * len(extra),
+                          out_specs=P())
   return sharded(image_tokens, jnp.asarray(image_mask).astype(bool), text_tokens,
-                 jnp.asarray(text_mask).astype(bool), common.as_scalar(scale))
+                 jnp.asarray(text_mask).astype(bool), common.as_scalar(scale), *extra)
 
 
 def _ring_block(chunk):
   def block(images, image_mask, texts, text_mask, scale):
     s_image, s_text = block_scores(images, image_mask, texts, text_mask, chunk)
-    return scale * s_image, scale * s_text
+    # Rows over every travelling text (negatives after the b real ones), columns over the real.
+    return scale * s_image, scale * s_text[:, :images.shape[0]]
   return block
 
 
@@ -239,12 +267,14 @@ def _gathered_normalisers(images, image_mask, texts, text_mask, scale, axes, wir
   s^T columns need all images: each device reduces its own rows to a [B] partial lse,
   the partials are gathered ([D, B], small) and each device keeps its texts' slice.
   """
-  all_texts = _gather_as(texts, axes, wire)
+  b = images.shape[0]  # texts: b real ones, then any negatives (their s^T is not used)
+  all_texts = _gather_as(texts, axes, wire)  # device-major: [real, negatives] per device
   s_image, s_text = block_scores(images, image_mask, all_texts, common.gather(text_mask, axes),
-                                 chunk)  # [b, B] each
+                                 chunk)  # [b, n] each
   rows = jnp.sum(jax.nn.logsumexp(scale * s_image, axis=1))
+  per_device = texts.shape[0]
+  s_text = s_text.reshape(b, -1, per_device)[:, :, :b].reshape(b, -1)  # real texts: [b, B]
   partial = jax.nn.logsumexp(scale * s_text, axis=0)  # [B], over this device's images
   columns = jax.nn.logsumexp(jax.lax.all_gather(partial, axes), axis=0)  # [B], over all images
-  b = texts.shape[0]
   own = jax.lax.dynamic_slice_in_dim(columns, jax.lax.axis_index(axes) * b, b)
   return rows + jnp.sum(own)

@@ -1,6 +1,7 @@
 """Losses by config name: what each needs from the model and how eval should score."""
 
 import dataclasses
+import math
 import numbers
 from typing import Callable
 
@@ -12,6 +13,7 @@ from jaxret.losses.common import DEFAULT_AXES, MOVES
 from jaxret.losses.filip import drop_special, filip_loss
 from jaxret.losses.sigmoid import sigmoid_loss
 from jaxret.losses.softmax import softmax_loss
+from jaxret.losses.triplet import triplet_loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +69,13 @@ def check_options(options):
   chunk = out["filip_chunk"]
   if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 0:
     raise UserError(f"loss.filip_chunk must be a whole number >= 0 (0: no split), got {chunk!r}")
+  margin = out["triplet_margin"]
+  if (isinstance(margin, bool) or not isinstance(margin, numbers.Real) or not math.isfinite(margin)
+      or margin <= 0):  # at margin <= 0, equal embeddings for everything cost 0: a trivial minimum
+    raise UserError(f"loss.triplet_margin must be > 0 (VSE++ uses 0.2), got {margin!r}")
+  if not isinstance(out["triplet_max_violation"], bool):
+    raise UserError(f"loss.triplet_max_violation must be true or false, got "
+                    f"{out['triplet_max_violation']!r}")
   return out
 
 
@@ -81,27 +90,44 @@ def _take(outputs, loss, keys):
 def _softmax(outputs, *, mesh, axes=DEFAULT_AXES, options=None):
   o = check_options(options)
   return softmax_loss(*_take(outputs, "softmax", ("image_emb", "text_emb", "scale")), mesh=mesh,
-                      axes=axes, impl=o["impl"], moves=o["ring_moves"])
+                      axes=axes, impl=o["impl"], moves=o["ring_moves"],
+                      negatives=outputs.get("neg_text_emb"))
 
 
 def _sigmoid(outputs, *, mesh, axes=DEFAULT_AXES, options=None):
   o = check_options(options)
   keys = ("image_emb", "text_emb", "scale", "bias")
   return sigmoid_loss(*_take(outputs, "sigmoid", keys), mesh=mesh, axes=axes, impl=o["impl"],
-                      moves=o["ring_moves"])
+                      moves=o["ring_moves"], negatives=outputs.get("neg_text_emb"))
 
 
 def _filip(outputs, *, mesh, axes=DEFAULT_AXES, options=None):
   o = check_options(options)
   keys = ("image_tokens", "image_mask", "text_tokens", "text_mask", "scale")
   image_tokens, image_mask, text_tokens, text_mask, scale = _take(outputs, "filip", keys)
+  negatives = None
+  if "neg_text_tokens" in outputs:  # hard negatives: [B, k, Nt, d] tokens, [B, k, Nt] masks
+    negatives = (outputs["neg_text_tokens"], outputs["neg_text_mask"])
   if not o["filip_special_tokens"]:
     image_special, text_special = _take(outputs, "filip", ("image_special", "text_special"))
     image_mask, text_mask = drop_special(image_mask, image_special), drop_special(text_mask, text_special)
+    if negatives is not None:
+      tokens, mask = negatives
+      flat = drop_special(mask.reshape(-1, mask.shape[-1]),
+                          outputs["neg_text_special"].reshape(-1, mask.shape[-1]))
+      negatives = (tokens, flat.reshape(mask.shape))
   return filip_loss(image_tokens, image_mask, text_tokens, text_mask, scale, mesh=mesh, axes=axes,
                     impl=o["impl"], token_fraction=o["filip_token_fraction"],
                     comm_dtype=jnp.dtype(o["filip_comm_dtype"]), chunk=o["filip_chunk"],
-                    moves=o["ring_moves"])
+                    moves=o["ring_moves"], negatives=negatives)
+
+
+def _triplet(outputs, *, mesh, axes=DEFAULT_AXES, options=None):
+  o = check_options(options)
+  image_emb, text_emb = _take(outputs, "triplet", ("image_emb", "text_emb"))  # no scale: cosines
+  return triplet_loss(image_emb, text_emb, mesh=mesh, axes=axes, margin=o["triplet_margin"],
+                      max_violation=o["triplet_max_violation"], impl=o["impl"],
+                      moves=o["ring_moves"])
 
 
 _LOSSES = {
@@ -109,6 +135,7 @@ _LOSSES = {
         Loss("softmax", needs_tokens=False, uses_bias=False, similarity="pooled", fn=_softmax),
         Loss("sigmoid", needs_tokens=False, uses_bias=True, similarity="pooled", fn=_sigmoid),
         Loss("filip", needs_tokens=True, uses_bias=False, similarity="late_interaction", fn=_filip),
+        Loss("triplet", needs_tokens=False, uses_bias=False, similarity="pooled", fn=_triplet),
     )
 }
 LOSS_NAMES = tuple(sorted(_LOSSES))

@@ -9,45 +9,58 @@ from jax.sharding import PartitionSpec as P
 from jaxret.losses import common
 
 
-def sigmoid_reference(image_emb, text_emb, scale, bias):
-  """Full-batch SigLIP loss: -sum_ij log sigmoid(z_ij (scale <x_i,y_j> + bias)) / B."""
+def sigmoid_reference(image_emb, text_emb, scale, bias, negatives=None):
+  """Full-batch SigLIP loss: -sum_ij log sigmoid(z_ij (scale <x_i,y_j> + bias)) / B. Hard
+  `negatives` [B, k, d] add B*k columns that are negative pairs for every image."""
   batch = image_emb.shape[0]
   logits = scale * image_emb @ text_emb.T + bias
   signs = 2 * jnp.eye(batch) - 1  # +1 for matched pairs, -1 for all others
-  return -jnp.sum(jax.nn.log_sigmoid(signs * logits)) / batch
+  total = -jnp.sum(jax.nn.log_sigmoid(signs * logits))
+  if negatives is not None:
+    total -= jnp.sum(jax.nn.log_sigmoid(-(scale * image_emb @ common.flat(negatives).T + bias)))
+  return total / batch
 
 
 IMPLS = ("all_gather", "ring")
 
 
 def sigmoid_loss(image_emb, text_emb, scale, bias, *, mesh, axes=common.DEFAULT_AXES,
-                 impl="all_gather", moves="auto"):
+                 impl="all_gather", moves="auto", negatives=None):
   """`sigmoid_reference` on global arrays whose batch is split over mesh `axes`.
 
   The loss is one sum over all B x B pairs, so local image rows against all texts cover
   every pair once. impl "all_gather": gather the texts, memory b x B. "ring" (SigLIP
   §3.3): pass the texts round the ring instead, memory b x b; `moves`: how (common.Ring).
+  `negatives` [B, k, d]: hard negative captions, negative pairs for every image; they travel
+  with their examples' texts.
   """
   axes = common.batch_axes(mesh, axes)
-  batch = common.global_batch(mesh, axes, image_emb=image_emb, text_emb=text_emb)
+  batch = common.global_batch(mesh, axes, image_emb=image_emb, text_emb=text_emb,
+                              **({} if negatives is None else {"negatives": negatives}))
+  extra = () if negatives is None else (negatives,)
   if impl == "ring":
-    return _ring(image_emb, text_emb, scale, bias, mesh, axes, batch, moves)
+    return _ring(image_emb, text_emb, scale, bias, extra, mesh, axes, batch, moves)
 
-  def local(images, texts, scale, bias):
+  def local(images, texts, scale, bias, *negs):
     labels = common.positive_columns(images.shape[0], axes)
     logits = scale * common.dot(images, common.gather(texts, axes)) + bias  # [b, B]
     signs = jnp.where(jnp.arange(batch)[None, :] == labels[:, None], 1.0, -1.0)
     total = -jnp.sum(jax.nn.log_sigmoid(signs * logits))
+    if negs:
+      neg_logits = scale * common.dot(images, common.gather(common.flat(negs[0]), axes)) + bias
+      total -= jnp.sum(jax.nn.log_sigmoid(-neg_logits))
     return jax.lax.psum(total, axes) / batch
 
-  sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(axes), P(axes), P(), P()), out_specs=P())
-  return sharded(image_emb, text_emb, common.as_scalar(scale), common.as_scalar(bias))
+  sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(axes), P(axes), P(), P()) + (P(axes),) * len(extra),
+                          out_specs=P())
+  return sharded(image_emb, text_emb, common.as_scalar(scale), common.as_scalar(bias), *extra)
 
 
 def _block_loss(images, texts, scale, bias, own):
-  """Summed log-loss of one b x b block; the own block has the positives on its diagonal."""
+  """Summed log-loss of one block (b images x the travelling texts: b real ones, then any
+  negatives); the own block has the positives on the diagonal of its real texts."""
   logits = scale * common.dot(images, texts) + bias
-  signs = 2 * jnp.eye(logits.shape[0], dtype=logits.dtype) - 1 if own else -1.0
+  signs = 2 * jnp.eye(*logits.shape, dtype=logits.dtype) - 1 if own else -1.0
   return -jnp.sum(jax.nn.log_sigmoid(signs * logits))
 
 
@@ -102,13 +115,15 @@ def _ring_loss_bwd(axes, size, moves, d, g):
 _ring_loss.defvjp(_ring_loss_fwd, _ring_loss_bwd)
 
 
-def _ring(image_emb, text_emb, scale, bias, mesh, axes, batch, moves):
+def _ring(image_emb, text_emb, scale, bias, extra, mesh, axes, batch, moves):
   size = common.ring_size(mesh, axes)
 
-  def local(images, texts, scale, bias):
-    total = _ring_loss(images, texts, common.varying(scale, axes), common.varying(bias, axes),
+  def local(images, texts, scale, bias, *negs):
+    wire = jnp.concatenate([texts, common.flat(negs[0])]) if negs else texts
+    total = _ring_loss(images, wire, common.varying(scale, axes), common.varying(bias, axes),
                        axes, size, moves)
     return jax.lax.psum(total, axes) / batch
 
-  sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(axes), P(axes), P(), P()), out_specs=P())
-  return sharded(image_emb, text_emb, common.as_scalar(scale), common.as_scalar(bias))
+  sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(axes), P(axes), P(), P()) + (P(axes),) * len(extra),
+                          out_specs=P())
+  return sharded(image_emb, text_emb, common.as_scalar(scale), common.as_scalar(bias), *extra)

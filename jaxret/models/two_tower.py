@@ -85,9 +85,14 @@ class TwoTower(nn.Module):
       out["bias"] = self.b
     return out
 
-  def __call__(self, image, text, tokens=False):
-    return {**self.encode_image(image, tokens), **self.encode_text(text, tokens),
-            **self.temperature()}
+  def __call__(self, image, text, tokens=False, neg_text=None):
+    out = {**self.encode_image(image, tokens), **self.encode_text(text, tokens),
+           **self.temperature()}
+    if neg_text is not None:  # [B, k, L] hard negative captions, through the same text tower
+      b, k = neg_text.shape[:2]
+      neg = self.encode_text(neg_text.reshape(b * k, neg_text.shape[2]), tokens)
+      out.update({f"neg_{key}": v.reshape(b, k, *v.shape[1:]) for key, v in neg.items()})
+    return out
 
 
 def build_model(model_cfg, *, vocab_size=None, pad_id=0, eos_id=2, attention=None) -> TwoTower:

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 # Float, per-example outputs that gradients flow through; masks ride along without gradient.
-EMBEDDINGS = ("image_emb", "text_emb", "image_tokens", "text_tokens")
+EMBEDDINGS = ("image_emb", "text_emb", "image_tokens", "text_tokens", "neg_text_emb",
+              "neg_text_tokens")
 
 
 def value_and_grad(model, loss, params, batch, *, mesh, axes, steps):
@@ -33,12 +34,13 @@ def value_and_grad(model, loss, params, batch, *, mesh, axes, steps):
     return x.swapaxes(0, 1).reshape(size, *x.shape[2:])
 
   def embed(p, micro):
-    out = model.apply({"params": p}, micro["image"], micro["text"], tokens=loss.needs_tokens)
+    out = model.apply({"params": p}, micro["image"], micro["text"], tokens=loss.needs_tokens,
+                      neg_text=micro.get("neg_text"))
     emb = {k: out[k] for k in EMBEDDINGS if k in out}
     rest = {k: v for k, v in out.items() if k not in emb and k not in ("scale", "bias")}
     return emb, rest
 
-  micro = jax.tree.map(split, {"image": batch["image"], "text": batch["text"]})
+  micro = jax.tree.map(split, {k: batch[k] for k in ("image", "text", "neg_text") if k in batch})
   emb, rest = jax.lax.map(lambda m: embed(jax.lax.stop_gradient(params), m), micro)
   emb, rest = jax.tree.map(merge, emb), jax.tree.map(merge, rest)
 

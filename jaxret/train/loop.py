@@ -11,7 +11,7 @@ import tqdm
 
 from jaxret import storage
 from jaxret.checkpoint import Checkpointer
-from jaxret.data.pipeline import skipped_total, train_iterator
+from jaxret.data.pipeline import check_hard_negatives, skipped_total, train_iterator
 from jaxret.data.sources import parse_mixture
 from jaxret.errors import Preempted
 from jaxret.eval.report import format_table, write_result
@@ -38,7 +38,8 @@ def train_augment(data_cfg):
 
 def _global_batch(mesh, batch):
   sh = partitioning.batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sh, batch[k]) for k in ("image", "text")}
+  return {k: jax.make_array_from_process_local_data(sh, batch[k])
+          for k in ("image", "text", "neg_text") if k in batch}
 
 
 def train(cfg, workdir, *, stop_after_step=None, progress=True, devices=None):
@@ -53,6 +54,7 @@ def train(cfg, workdir, *, stop_after_step=None, progress=True, devices=None):
   cfg = absolute_data_dirs(cfg)
   exp = Experiment(cfg, devices)
   exp.check_attention()  # before anything compiles or the workdir is made
+  check_hard_negatives(cfg.data.dir, cfg.data.train_split, cfg.data.hard_negatives)
   storage.makedirs(workdir)
   # One trainer per workdir: process 0 holds the lock for the whole job.
   lock = WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
@@ -69,7 +71,8 @@ def _train(exp, cfg, workdir, guard, stop_after_step, progress):
                         text_len=cfg.model.text.max_len, seed=cfg.seed,
                         image_size=cfg.model.image.size, augment=train_augment(cfg.data),
                         mixture=parse_mixture(cfg.data.mixture),
-                        split=cfg.data.train_split, workers=cfg.data.workers)
+                        split=cfg.data.train_split, workers=cfg.data.workers,
+                        hard_negatives=cfg.data.hard_negatives)
   start, state = ckpt.restore_latest(exp.abstract_state, data)
   if start is None:
     start = 0
@@ -88,7 +91,8 @@ def _train(exp, cfg, workdir, guard, stop_after_step, progress):
   writer = MetricWriter(workdir, resume_step=start)
   step_fn = make_train_step(exp.model, exp.loss, exp.tx, exp.schedule, exp.mesh, exp.state_sh,
                             cfg.optim.grad_accum_steps, rules=exp.rules,
-                            frozen=param_setting(cfg.optim, exp.abstract_state.params, "frozen"))
+                            frozen=param_setting(cfg.optim, exp.abstract_state.params, "frozen"),
+                            negatives=cfg.data.hard_negatives > 0)
   bar = tqdm.tqdm(total=cfg.total_steps, initial=start, disable=not progress or
                   jax.process_index() != 0, desc=f"train {cfg.loss.name}", unit="step",
                   dynamic_ncols=True)
@@ -140,8 +144,8 @@ def _train(exp, cfg, workdir, guard, stop_after_step, progress):
 
 
 def _eval_scalars(result):
-  """The primary Recall@K as eval/{i2t,t2i}_R@K; every scoring and zero-shot view below it;
-  named sets' the same below eval/NAME/."""
+  """The primary Recall@K as eval/{i2t,t2i}_R@K; every scoring, zero-shot view and
+  compositional swap type below it; named sets' the same below eval/NAME/."""
   if "sets" in result:
     return {f"eval/{name}/{k[len('eval/'):]}": v for name, r in result["sets"].items()
             for k, v in _eval_scalars(r).items()}
@@ -152,4 +156,7 @@ def _eval_scalars(result):
   for view, z in result.get("zeroshot", {}).items():
     if isinstance(z, dict):
       out.update({f"eval/zeroshot_{view}/{k}": x for k, x in z.items() if k.startswith("top")})
+  for kind, c in result.get("compositional", {}).items():
+    if isinstance(c, dict) and c["accuracy"] is not None:
+      out[f"eval/compositional_{kind}/accuracy"] = c["accuracy"]
   return out

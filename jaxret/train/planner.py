@@ -98,9 +98,12 @@ def plan(cfg, mesh_sizes, *, compile_activations=True):
 def batch_spec(cfg, batch, sharding=None):
   """The train step's input as the data pipeline delivers it (uint8 pixels, normalised on the
   device by the image tower; int32 token ids), abstract."""
-  s, n = cfg.model.image.size, cfg.model.text.max_len
-  return {"image": jax.ShapeDtypeStruct((batch, s, s, 3), jnp.uint8, sharding=sharding),
+  s, n, k = cfg.model.image.size, cfg.model.text.max_len, cfg.data.hard_negatives
+  spec = {"image": jax.ShapeDtypeStruct((batch, s, s, 3), jnp.uint8, sharding=sharding),
           "text": jax.ShapeDtypeStruct((batch, n), jnp.int32, sharding=sharding)}
+  if k:
+    spec["neg_text"] = jax.ShapeDtypeStruct((batch, k, n), jnp.int32, sharding=sharding)
+  return spec
 
 
 def _one_device_program(cfg, model, tx, local_batch, compile_activations=True):
@@ -115,7 +118,7 @@ def _one_device_program(cfg, model, tx, local_batch, compile_activations=True):
   abstract, sh = state_shardings(model, tx, mesh, cfg.model.image.size, cfg.mesh.rules)
   batch = batch_spec(cfg, local_batch, partitioning.batch_sharding(mesh))
   step = make_train_step(model, loss, tx, lambda i: 0.0, mesh, sh, cfg.optim.grad_accum_steps,
-                         rules=cfg.mesh.rules)
+                         rules=cfg.mesh.rules, negatives=cfg.data.hard_negatives > 0)
   with partitioning.activate(mesh, cfg.mesh.rules):
     traced = step.jitted.trace(abstract, batch)
     executed = jaxpr_matmul_flops(traced.jaxpr.jaxpr) / local_batch
@@ -126,7 +129,8 @@ def _one_device_program(cfg, model, tx, local_batch, compile_activations=True):
       plain = model.clone(image=model.image.clone(remat="none"),
                           text=model.text.clone(remat="none"))
       plain_step = make_train_step(plain, loss, tx, lambda i: 0.0, mesh, sh,
-                                   cfg.optim.grad_accum_steps, rules=cfg.mesh.rules)
+                                   cfg.optim.grad_accum_steps, rules=cfg.mesh.rules,
+                                   negatives=cfg.data.hard_negatives > 0)
       out["train_flops_per_example"] = jaxpr_matmul_flops(
           plain_step.jitted.trace(abstract, batch).jaxpr.jaxpr) / local_batch
       out["executed_flops_per_example"] = executed

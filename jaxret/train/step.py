@@ -19,7 +19,8 @@ def loss_and_grads(model, loss, params, batch, *, mesh, accum_steps=1):
                                      steps=accum_steps)
 
   def loss_fn(p):
-    out = model.apply({"params": p}, batch["image"], batch["text"], tokens=loss.needs_tokens)
+    out = model.apply({"params": p}, batch["image"], batch["text"], tokens=loss.needs_tokens,
+                      neg_text=batch.get("neg_text"))
     return loss.fn(out, mesh=mesh, axes=BATCH_AXES, options=loss.options), out
 
   (value, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -27,12 +28,13 @@ def loss_and_grads(model, loss, params, batch, *, mesh, accum_steps=1):
 
 
 def make_train_step(model, loss, tx, schedule, mesh, state_sh, accum_steps=1,
-                    rules=partitioning.DEFAULT_RULES, frozen=None):
+                    rules=partitioning.DEFAULT_RULES, frozen=None, negatives=False):
   """`rules`: the logical-axis rules the activations are constrained by (the run's
   `mesh.rules`, as Experiment.rules); the parameters' come with `state_sh`.
   `frozen`: a tree of bools like the params (optim.rules). The optimizer already ignores frozen
   gradients; zeroing them here too lets XLA drop their backward pass (a locked tower costs only
-  its forward) and keeps them out of the logged grad_norm."""
+  its forward) and keeps them out of the logged grad_norm.
+  `negatives`: batches carry "neg_text" [B, k, L] hard negative captions (data.hard_negatives)."""
   def train_step(state, batch):
     value, out, grads = loss_and_grads(model, loss, state.params, batch, mesh=mesh,
                                        accum_steps=accum_steps)
@@ -49,7 +51,8 @@ def make_train_step(model, loss, tx, schedule, mesh, state_sh, accum_steps=1,
       metrics["bias"] = out["bias"]
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-  batch_sh = {"image": partitioning.batch_sharding(mesh), "text": partitioning.batch_sharding(mesh)}
+  keys = ("image", "text") + (("neg_text",) if negatives else ())
+  batch_sh = {key: partitioning.batch_sharding(mesh) for key in keys}
   jitted = jax.jit(train_step, in_shardings=(state_sh, batch_sh),
                    out_shardings=(state_sh, partitioning.replicated(mesh)), donate_argnums=0)
 
