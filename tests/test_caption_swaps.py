@@ -31,8 +31,14 @@ def test_demo_swaps_of_a_hand_written_scene():
       [two("a red bag", "a blue sneaker")]
       + [two(f"a red {c}", "a blue bag") for c in fashion]
       + [two("a red sneaker", f"a blue {c}") for c in fashion])
-  # The same words in the same order, the positions exchanged.
-  assert got["relation"] == ["a red sneaker in the bottom right and a blue bag in the top left"]
+  # The same words in the same order, the positions exchanged; then one item moved to each
+  # free cell (top right, bottom left), the sneaker first.
+  assert got["relation"] == [
+      "a red sneaker in the bottom right and a blue bag in the top left",
+      "a red sneaker in the top right and a blue bag in the bottom right",
+      "a red sneaker in the bottom left and a blue bag in the bottom right",
+      "a red sneaker in the top left and a blue bag in the top right",
+      "a red sneaker in the top left and a blue bag in the bottom left"]
 
 
 def test_demo_swaps_drop_what_describes_the_same_scene():
@@ -48,7 +54,12 @@ def test_demo_swaps_drop_what_describes_the_same_scene():
       "a red zero in the top left and a blue one in the bottom left",
       "a red two in the top left and a blue one in the bottom left"]
   assert len(same_class["object"]) == 2 * 9
-  assert same_class["relation"] == ["a red one in the bottom left and a blue one in the top left"]
+  assert same_class["relation"] == [
+      "a red one in the bottom left and a blue one in the top left",
+      "a red one in the top right and a blue one in the bottom left",
+      "a red one in the bottom right and a blue one in the bottom left",  # b now reads first
+      "a red one in the top left and a blue one in the top right",
+      "a red one in the top left and a blue one in the bottom right"]
 
 
 def test_demo_swaps_cap_and_seed():

@@ -163,8 +163,9 @@ def test_filip_scores_by_late_interaction_on_the_demo(tiny_config, demo_dir):
   result = ev(params, 0)
   assert result["tasks"] == ["compositional"] and "skipped" not in result
   comp = result["compositional"]
-  # Every demo scene has 12+ colour and 16+ class replacements and one position exchange.
-  assert [(comp[t]["images"], comp[t]["pairs"]) for t in TYPES] == [(64, 256), (64, 256), (64, 64)]
+  # Every demo scene has 12+ colour and 16+ class replacements, a position exchange and 4 moves:
+  # 4 variants of each type (MAX_PER_TYPE).
+  assert [(comp[t]["images"], comp[t]["pairs"]) for t in TYPES] == [(64, 256), (64, 256), (64, 256)]
   classes = load_manifest(demo_dir)["classes"]
   check(comp, reference(ev, params, "test", demo_dir, classes), 64)
   assert comp["mean"] == pytest.approx(np.mean([comp[t]["accuracy"] for t in TYPES]))
@@ -250,7 +251,7 @@ def test_training_reports_compositional(tiny_config, tmp_path, capsys):
   assert comp == json.loads(json.dumps(result["compositional"]))
   assert "compositional: true caption vs swapped variants" in printed
   relation = 100 * comp["relation"]["accuracy"]
-  assert f"relation  {relation:5.1f}% [50.0%]  (64 images, 64 pairs)" in printed
+  assert f"relation  {relation:5.1f}% [50.0%]  (64 images, 256 pairs)" in printed
   rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   final = [r for r in rows if "eval/i2t_R@1" in r][-1]
   for t in TYPES:

@@ -3,7 +3,8 @@
   attribute  a colour or count changed, or two colours exchanged
              "a red car and a blue bus" -> "a blue car and a red bus", "a green car and ..."
   object     two objects exchanged, or one replaced   -> "a red bus and a blue car"
-  relation   positions exchanged, or a spatial word replaced by its opposite
+  relation   positions exchanged or one item moved (demo), or a spatial word replaced by its
+             opposite
 
 `demo_swaps` reads a demo scene's items and phrases each variant with the demo's own caption
 generator, so every variant is the real caption of another valid scene, never of the same one.
@@ -157,8 +158,10 @@ def demo_swaps(items, k=None, rng=0, *, classes=None, colours=None):
       "object": [[(cls_b, col_a, cell_a), (cls_a, col_b, cell_b)]],
       "relation": [[(cls_a, col_a, cell_b), (cls_b, col_b, cell_a)]],
   }
+  # Positions: one item moved to a free cell (each item, each free cell, in reading order).
+  free = [c for c in demo.CELLS if c not in (cell_a, cell_b)]
   replaced = {"attribute": each_item(1, colours), "object": each_item(0, classes),
-              "relation": []}
+              "relation": each_item(2, free)}
   rng = _rng(rng)
   return {t: _pick(true, captions(exchanged[t]), captions(replaced[t]), k, rng) for t in TYPES}
 
