@@ -34,7 +34,7 @@ def build_step(spec, overrides):
   batch = {"image": jax.device_put(rng.integers(0, 256, (b, s, s, 3), dtype=np.uint8), bsh),
            "text": jax.device_put(text, bsh)}
   with partitioning.activate(mesh):
-    flops = float(jaxpr_matmul_flops(step.jitted.trace(state, batch).jaxpr.jaxpr))
+    flops = float(jaxpr_matmul_flops(step.jitted.trace(state, batch, {}).jaxpr.jaxpr))
   return step, state, batch, flops
 
 

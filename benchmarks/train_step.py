@@ -71,7 +71,7 @@ def jaxret_step(batch_size):
   with partitioning.activate(mesh):
     # The planner's counter: matmul FLOPs of the traced step (XLA's cost analysis counts a
     # scanned layer once).
-    flops = float(jaxpr_matmul_flops(step.jitted.trace(state, batch).jaxpr.jaxpr))
+    flops = float(jaxpr_matmul_flops(step.jitted.trace(state, batch, {}).jaxpr.jaxpr))
   holder = {"state": state}
 
   def run(n):

@@ -119,6 +119,23 @@ def _parser():
   tt.add_argument("--min-frequency", type=int, default=2, help="bpe: rarest pair merged")
   tt.add_argument("--clip-files", action="store_true",
                   help="bpe: also write CLIP's vocab.json + merges.txt layout")
+  te = dsub.add_parser("teacher", help="copy a data dir with a teacher's embeddings of several "
+                       "augmented views of each image (and of each caption) for offline "
+                       "distillation (loss.distill.source=offline)")
+  te.add_argument("--teacher", required=True, help="a workdir, `jaxret export` or `jaxret "
+                  "import-hf` folder")
+  te.add_argument("--data", required=True, help="the converted data dir to copy")
+  te.add_argument("--out", required=True, help="a new folder: the copy, with the embeddings")
+  te.add_argument("--split", default="train", help="the split that gets them (default: train)")
+  te.add_argument("--views", type=int, default=4, help="augmented views per image (default 4)")
+  te.add_argument("--image-size", type=int, default=None, help="the student's model.image.size "
+                  "(default: the data's stored size)")
+  te.add_argument("--crop-scale", type=float, nargs=2, default=(0.9, 1.0),
+                  help="random resized crop area range, as data.augment.crop_scale")
+  te.add_argument("--flip", action="store_true", help="mirror half the views")
+  te.add_argument("--seed", type=int, default=0)
+  te.add_argument("--batch-size", type=int, default=64)
+  te.add_argument("--no-progress", action="store_true")
   cv = dsub.add_parser(
       "convert", help="your image-text data to ArrayRecord shards + manifest: adds or replaces "
       "a split of --out, keeps the others (rerun to resume)",
@@ -222,6 +239,16 @@ def run(argv):
     from jaxret.data.tokenizer_training import train_tokenizer_cli
     train_tokenizer_cli(args.inputs, args.out, kind=args.kind, vocab_size=args.vocab_size,
                         min_frequency=args.min_frequency, clip_files=args.clip_files)
+  elif args.command == "data" and args.data_command == "teacher":
+    from jaxret.data.teacher_store import write_teacher_data
+    if args.views < 1:
+      raise UserError(f"--views must be at least 1, got {args.views}")
+    out = write_teacher_data(args.teacher, args.data, args.out, split=args.split,
+                             views=args.views, seed=args.seed, image_size=args.image_size,
+                             crop_scale=tuple(args.crop_scale), flip=args.flip,
+                             batch_size=args.batch_size, progress=not args.no_progress)
+    print(f"wrote {out}: the teacher's embeddings of {args.views} views per image of split "
+          f"'{args.split}'")
   elif args.command == "data" and args.data_command == "convert":
     from jaxret.data.convert import convert
     convert(args.out, split=args.split, images=args.images, captions=args.captions,

@@ -114,7 +114,14 @@ def defaults() -> ml_collections.ConfigDict:
   )
   c.model.init_bias = ml_collections.config_dict.placeholder(float)
 
-  c.loss = dict(name="softmax", **LOSS_OPTIONS)
+  # distill (jaxret/losses/distill.py): add weight x KL of the student's image->text and
+  # text->image similarity distributions to a frozen teacher's (any folder `jaxret.load`
+  # reads), both at `temperature`; hard_weighting: weigh examples by the teacher's difficulty.
+  # source "online": the teacher runs in the step; "offline": data.dir's records carry its
+  # embeddings (`jaxret data teacher`). teacher "" (the default): no distillation.
+  c.loss = dict(name="softmax", **LOSS_OPTIONS,
+                distill=dict(teacher="", weight=1.0, temperature=0.07, hard_weighting=False,
+                             source="online"))
 
   c.optim = dict(
       name="adamw", mu_dtype="",  # mu_dtype "bfloat16": AdamW first moment in bf16
@@ -364,6 +371,14 @@ def validate(cfg):
   if not 0 < lo <= hi:
     raise UserError(f"data.augment.crop_ratio must be (min, max) with 0 < min <= max, got "
                     f"{tuple(aug.crop_ratio)}")
+  d = cfg.loss.distill
+  if d.teacher:
+    if not (isinstance(d.weight, (int, float)) and d.weight > 0):
+      raise UserError(f"loss.distill.weight must be > 0, got {d.weight!r}")
+    if not (isinstance(d.temperature, (int, float)) and d.temperature > 0):
+      raise UserError(f"loss.distill.temperature must be > 0, got {d.temperature!r}")
+    if d.source not in ("online", "offline"):
+      raise UserError(f"loss.distill.source must be 'online' or 'offline', got {d.source!r}")
   k = cfg.data.hard_negatives
   if isinstance(k, bool) or not isinstance(k, int) or k < 0:
     raise UserError(f"data.hard_negatives must be a whole number >= 0 (swapped captions per "

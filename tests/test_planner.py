@@ -40,7 +40,7 @@ def test_plan_matches_the_compiled_sharded_step(tiny_config, mesh):
   assert {k: (v.shape[1:], v.dtype) for k, v in planner.batch_spec(cfg, local).items()} == \
       {k: (v.shape[1:], v.dtype) for k, v in batch.items()}
   with partitioning.activate(exp.mesh):
-    compiled = step.jitted.lower(exp.abstract_state, batch).compile().memory_analysis()
+    compiled = step.jitted.lower(exp.abstract_state, batch, {}).compile().memory_analysis()
 
   vocab = f"model.text.vocab_size={exp.tokenizer.vocab_size}"
   plan = planner.plan(tiny_config("softmax", *SMALL, vocab), mesh)  # abstract mesh: no devices

@@ -77,20 +77,21 @@ def _same_tokenizer(data_dir, manifest, other_dir):
                     f"convert it with --tokenizer {Path(data_dir) / manifest['tokenizer']}")
 
 
-def _source_order(data_dir, split, seed, keep_meta=False):
+def _source_order(data_dir, split, seed, keep_meta=False, keep_teacher=False):
   """One source's records: shuffled, reshuffled every epoch, repeated forever, broken
   records substituted (SkipBad); uint8 images at their stored size."""
   records = grain.MapDataset.source(sources.open_split(data_dir, split))
   ds = (records.seed(seed)
         .shuffle()
         .repeat(None)  # reseed_each_epoch (default): a new order every epoch.
-        .map(transforms.DecodeRecord(skip_bad=True, keep_meta=keep_meta)))
+        .map(transforms.DecodeRecord(skip_bad=True, keep_meta=keep_meta,
+                                     keep_teacher=keep_teacher)))
   return transforms.SkipBad(ds), len(records)
 
 
 def train_iterator(data_dir, *, batch_size, text_len, seed, image_size=None, augment=None,
                    mixture=None, process_index=None, process_count=None, split="train",
-                   workers=0, hard_negatives=0):
+                   workers=0, hard_negatives=0, teacher_tokens=None, teacher_views=False):
   """Infinite, resumable iterator of this process's rows of each global training batch.
 
   Yields {"image": uint8 [batch_size,S,S,3], "text": int32 [batch_size,text_len]} with S =
@@ -104,14 +105,18 @@ def train_iterator(data_dir, *, batch_size, text_len, seed, image_size=None, aug
   Restore). `workers` > 0 decodes in that many worker processes (grain mp_prefetch, spawned:
   the calling script needs an `if __name__ == "__main__":` guard); batches and resume are
   the same as with 0. `hard_negatives` = k adds "neg_text" int32 [batch_size, k, text_len]:
-  swapped variants of each example's caption (transforms.HardNegatives).
+  swapped variants of each example's caption (transforms.HardNegatives). Distillation:
+  `teacher_tokens` = (tokenizer file, length) adds "teacher_text"; `teacher_views` takes the
+  records' stored teacher views and adds "teacher_image_emb" and "teacher_text_emb" [d]
+  (data/teacher_store.py) in place of the random crop.
   """
   _check_batch_size(batch_size)
   index, count = _process_shard(process_index, process_count)
   manifest = sources.load_manifest(data_dir)
   image_size = int(image_size or manifest["image_size"])
   if not mixture:
-    ds, n = _source_order(data_dir, split, seed, keep_meta=hard_negatives > 0)
+    ds, n = _source_order(data_dir, split, seed, keep_meta=hard_negatives > 0,
+                          keep_teacher=teacher_views)
     if n < batch_size * count:
       raise UserError(f"split '{split}' of '{data_dir}' has {n} records, fewer than one global "
                       f"batch of {batch_size * count}; lower the batch size or use more data")
@@ -119,9 +124,15 @@ def train_iterator(data_dir, *, batch_size, text_len, seed, image_size=None, aug
     parts = []
     for k, (source_dir, _) in enumerate(mixture):  # weights checked by sources.parse_mixture
       _same_tokenizer(data_dir, manifest, source_dir)
-      parts.append(_source_order(source_dir, split, seed * 1009 + k, hard_negatives > 0)[0])
+      parts.append(_source_order(source_dir, split, seed * 1009 + k, hard_negatives > 0,
+                                 teacher_views)[0])
     ds = grain.MapDataset.mix(parts, [float(w) for _, w in mixture]).seed(seed)
-  ds = ds.random_map(transforms.TrainView(image_size, augment))
+  if teacher_views:
+    ds = ds.random_map(transforms.TeacherView(image_size))
+  else:
+    ds = ds.random_map(transforms.TrainView(image_size, augment))
+  if teacher_tokens:
+    ds = ds.map(transforms.TokenizeTeacher(*teacher_tokens))
   if hard_negatives:
     ds = ds.random_map(transforms.HardNegatives(hard_negatives, manifest.get("classes")))
   ds = (ds.map(_tokenize(data_dir, manifest, text_len))

@@ -63,11 +63,12 @@ class DecodeRecord(grain.transforms.Map):
   """Raw bytes -> {"image": uint8 [H,W,3] at the stored size, "captions": [str]}.
 
   With `skip_bad`, a record that cannot be used becomes {"bad": reason} (for SkipBad below)
-  instead of raising. With `keep_meta`, the record's "meta" dict comes along (HardNegatives).
+  instead of raising. With `keep_meta`, the record's "meta" dict comes along (HardNegatives);
+  with `keep_teacher`, its stored teacher embeddings (TeacherView).
   """
 
-  def __init__(self, skip_bad=False, keep_meta=False):
-    self.skip_bad, self.keep_meta = skip_bad, keep_meta
+  def __init__(self, skip_bad=False, keep_meta=False, keep_teacher=False):
+    self.skip_bad, self.keep_meta, self.keep_teacher = skip_bad, keep_meta, keep_teacher
 
   def decode(self, element):
     """-> (uint8 image [H,W,3], captions); BadRecord when unusable."""
@@ -80,16 +81,21 @@ class DecodeRecord(grain.transforms.Map):
       raise BadRecord(f"no usable caption in {record['captions']!r:.80}")
     if not isinstance(record["image"], bytes):
       raise BadRecord(f"image is {type(record['image']).__name__}, not encoded bytes")
-    return decode_image(record["image"]), captions, record.get("meta") or {}
+    return decode_image(record["image"]), captions, record
 
   def map(self, element):
     try:
-      image, captions, meta = self.decode(element)
+      image, captions, record = self.decode(element)
     except BadRecord as e:
       if self.skip_bad:
         return {"bad": str(e)}
       raise UserError(f"bad record: {e}; reconvert the data") from None
-    return {"image": image, "captions": captions, **({"meta": meta} if self.keep_meta else {})}
+    out = {"image": image, "captions": captions}
+    if self.keep_meta:
+      out["meta"] = record.get("meta") or {}
+    if self.keep_teacher:
+      out["teacher"] = record.get("teacher")
+    return out
 
 
 class CenterCrop(grain.transforms.Map):
@@ -161,6 +167,43 @@ class TrainView(grain.transforms.RandomMap):
     else:
       out["image"] = augment.random_resized_crop(element["image"], rng, self.size, *self.augment)
     return out
+
+
+class TeacherView(grain.transforms.RandomMap):
+  """Offline distillation's training example: one of the record's stored views (its crop box
+  and flip, made again here) with the teacher's embedding of it, and one caption with the
+  teacher's embedding of that caption (data/teacher_store.py)."""
+
+  def __init__(self, size):
+    self.size = int(size)
+
+  def random_map(self, element, rng):
+    from jaxret.data import teacher_store
+    views, image_emb, text_emb = teacher_store.stored({"teacher": element["teacher"]})
+    captions = element["captions"]
+    if len(text_emb) != len(captions):
+      raise UserError(f"a record has {len(captions)} captions but teacher embeddings of "
+                      f"{len(text_emb)}: remake the data with `jaxret data teacher`")
+    v, c = int(rng.integers(len(views))), int(rng.integers(len(captions)))
+    out = {k: val for k, val in element.items() if k not in ("captions", "teacher")}
+    out["image"] = teacher_store.apply_view(element["image"], views[v], self.size)
+    out["caption"] = captions[c]
+    out["teacher_image_emb"], out["teacher_text_emb"] = image_emb[v], text_emb[c]
+    return out
+
+
+class TokenizeTeacher(grain.transforms.Map):
+  """Adds "teacher_text": the caption in the teacher's tokenizer (online distillation with a
+  teacher whose tokenizer is not the student's)."""
+
+  def __init__(self, tokenizer_path, max_len):
+    self.tokenize = None
+    self.tokenizer_path, self.max_len = str(tokenizer_path), int(max_len)
+
+  def map(self, element):
+    if self.tokenize is None:
+      self.tokenize = Tokenize(self.tokenizer_path, self.max_len)
+    return {**element, "teacher_text": self.tokenize.tokenizer.encode(element["caption"])}
 
 
 class HardNegatives(grain.transforms.RandomMap):

@@ -43,6 +43,7 @@ def check_options(options):
   """The loss options with defaults filled in; one-line UserErrors for bad values."""
   options = dict(options or {})
   options.pop("name", None)
+  options.pop("distill", None)  # a term the train step adds (train/objective.py), not a kernel's
   for key in options:
     if key not in OPTIONS:
       raise UserError(f"unknown loss option 'loss.{key}'{did_you_mean(key, OPTIONS)}; valid: "

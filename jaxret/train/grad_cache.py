@@ -13,13 +13,17 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jaxret.train.objective import objective
+
 # Float, per-example outputs that gradients flow through; masks ride along without gradient.
 EMBEDDINGS = ("image_emb", "text_emb", "image_tokens", "text_tokens", "neg_text_emb",
               "neg_text_tokens")
 
 
-def value_and_grad(model, loss, params, batch, *, mesh, axes, steps):
-  """-> (loss value, model outputs incl. scale/bias, grads w.r.t. params)."""
+def value_and_grad(model, loss, params, batch, *, mesh, axes, steps, distill=None,
+                   teacher_emb=None):
+  """-> (loss value, model outputs incl. scale/bias, grads w.r.t. params). `distill` and
+  `teacher_emb`: loss.distill's term (train/objective.py), on the whole batch's embeddings."""
   size = batch["image"].shape[0]
   micro_sh = NamedSharding(mesh, P(None, axes))
 
@@ -46,7 +50,7 @@ def value_and_grad(model, loss, params, batch, *, mesh, axes, steps):
 
   def global_loss(emb, p):
     out = {**emb, **rest, **model.apply({"params": p}, method=model.temperature)}
-    return loss.fn(out, mesh=mesh, axes=axes, options=loss.options), out
+    return objective(loss, out, mesh=mesh, axes=axes, distill=distill, teacher_emb=teacher_emb)
 
   (value, out), (g_emb, g_params) = jax.value_and_grad(
       global_loss, argnums=(0, 1), has_aux=True)(emb, params)

@@ -23,6 +23,8 @@ from jaxret.parallel import partitioning
 from jaxret.train.health import Health
 from jaxret.train.preemption import PreemptionGuard
 from jaxret.train.step import make_train_step
+from jaxret.train.teacher import load_teacher
+from jaxret.data.teacher_store import check_teacher_records
 from jaxret.train.writers import MetricWriter
 from jaxret.workdir import (absolute_data_dirs, check_workdir_config, load_initial_params,
                             save_run_files, write_run_config)
@@ -38,8 +40,8 @@ def train_augment(data_cfg):
 
 def _global_batch(mesh, batch):
   sh = partitioning.batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sh, batch[k])
-          for k in ("image", "text", "neg_text") if k in batch}
+  keys = ("image", "text", "neg_text", "teacher_text", "teacher_image_emb", "teacher_text_emb")
+  return {k: jax.make_array_from_process_local_data(sh, batch[k]) for k in keys if k in batch}
 
 
 def train(cfg, workdir, *, stop_after_step=None, progress=True, devices=None):
@@ -55,14 +57,29 @@ def train(cfg, workdir, *, stop_after_step=None, progress=True, devices=None):
   exp = Experiment(cfg, devices)
   exp.check_attention()  # before anything compiles or the workdir is made
   check_hard_negatives(cfg.data.dir, cfg.data.train_split, cfg.data.hard_negatives)
+  distill, teacher = distillation(exp, cfg)  # a bad teacher fails here, nothing written
   storage.makedirs(workdir)
   # One trainer per workdir: process 0 holds the lock for the whole job.
   lock = WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
   with lock, PreemptionGuard() as guard:
-    return _train(exp, cfg, workdir, guard, stop_after_step, progress)
+    return _train(exp, cfg, workdir, guard, stop_after_step, progress, distill, teacher)
 
 
-def _train(exp, cfg, workdir, guard, stop_after_step, progress):
+def distillation(exp, cfg):
+  """(loss.distill as the step takes it, the online Teacher), or (None, None) without one."""
+  d = cfg.loss.distill
+  if not d.teacher:
+    return None, None
+  distill = dict(weight=float(d.weight), temperature=float(d.temperature),
+                 hard_weighting=bool(d.hard_weighting))
+  if d.source == "offline":
+    check_teacher_records(cfg.data.dir, cfg.data.train_split, d.teacher, cfg.model.image.size)
+    return distill, None
+  return distill, load_teacher(d.teacher, exp.mesh, exp.rules, exp.tokenizer_path,
+                               cfg.model.text.max_len)
+
+
+def _train(exp, cfg, workdir, guard, stop_after_step, progress, distill=None, teacher=None):
   check_workdir_config(workdir, cfg)
   evaluate = build_evaluator(exp)  # checks every eval set's data now, before any step
   ckpt = Checkpointer(workdir, every=cfg.checkpoint.every, keep=cfg.checkpoint.keep,
@@ -72,7 +89,10 @@ def _train(exp, cfg, workdir, guard, stop_after_step, progress):
                         image_size=cfg.model.image.size, augment=train_augment(cfg.data),
                         mixture=parse_mixture(cfg.data.mixture),
                         split=cfg.data.train_split, workers=cfg.data.workers,
-                        hard_negatives=cfg.data.hard_negatives)
+                        hard_negatives=cfg.data.hard_negatives,
+                        teacher_tokens=(teacher.tokenizer_path, teacher.text_len)
+                        if teacher is not None and teacher.own_tokens else None,
+                        teacher_views=distill is not None and teacher is None)
   start, state = ckpt.restore_latest(exp.abstract_state, data)
   if start is None:
     start = 0
@@ -92,7 +112,8 @@ def _train(exp, cfg, workdir, guard, stop_after_step, progress):
   step_fn = make_train_step(exp.model, exp.loss, exp.tx, exp.schedule, exp.mesh, exp.state_sh,
                             cfg.optim.grad_accum_steps, rules=exp.rules,
                             frozen=param_setting(cfg.optim, exp.abstract_state.params, "frozen"),
-                            negatives=cfg.data.hard_negatives > 0)
+                            negatives=cfg.data.hard_negatives > 0, distill=distill,
+                            teacher=teacher)
   bar = tqdm.tqdm(total=cfg.total_steps, initial=start, disable=not progress or
                   jax.process_index() != 0, desc=f"train {cfg.loss.name}", unit="step",
                   dynamic_ncols=True)

@@ -120,7 +120,7 @@ def _one_device_program(cfg, model, tx, local_batch, compile_activations=True):
   step = make_train_step(model, loss, tx, lambda i: 0.0, mesh, sh, cfg.optim.grad_accum_steps,
                          rules=cfg.mesh.rules, negatives=cfg.data.hard_negatives > 0)
   with partitioning.activate(mesh, cfg.mesh.rules):
-    traced = step.jitted.trace(abstract, batch)
+    traced = step.jitted.trace(abstract, batch, {})
     executed = jaxpr_matmul_flops(traced.jaxpr.jaxpr) / local_batch
     out = {"train_flops_per_example": executed}
     if cfg.model.remat != "none":
@@ -132,7 +132,7 @@ def _one_device_program(cfg, model, tx, local_batch, compile_activations=True):
                                    cfg.optim.grad_accum_steps, rules=cfg.mesh.rules,
                                    negatives=cfg.data.hard_negatives > 0)
       out["train_flops_per_example"] = jaxpr_matmul_flops(
-          plain_step.jitted.trace(abstract, batch).jaxpr.jaxpr) / local_batch
+          plain_step.jitted.trace(abstract, batch, {}).jaxpr.jaxpr) / local_batch
       out["executed_flops_per_example"] = executed
     if compile_activations:
       out["activation_bytes"] = traced.lower().compile().memory_analysis().temp_size_in_bytes
