@@ -263,3 +263,16 @@ def test_teacher_tokens_follow_the_teachers_own_tokenizer(demo_dir, tmp_path):
   assert batch["teacher_text"].shape == (8, 12)
   for text, theirs in zip(batch["text"], batch["teacher_text"]):
     np.testing.assert_array_equal(theirs, teacher.encode(student.decode(text)))
+
+
+def test_the_teacher_is_sharded_like_the_student(tiny_config, teacher_dir):
+  from jaxret.experiment import Experiment
+  from jaxret.train.teacher import load_teacher
+  exp = Experiment(tiny_config("softmax", "mesh.data=4", "mesh.fsdp=2"))
+  teacher = load_teacher(teacher_dir, exp.mesh, exp.rules, exp.tokenizer_path,
+                         exp.cfg.model.text.max_len)
+  student = exp.state_sh.params
+  kernel = lambda tree: tree["text"]["encoder"]["block00"]["mlp"]["fc1"]["kernel"]  # noqa: E731
+  assert kernel(teacher.params).sharding.spec == kernel(student).spec
+  assert "fsdp" in str(kernel(student).spec)  # the FSDP axis is really in use
+  assert kernel(teacher.params).sharding.mesh.shape == exp.mesh.shape

@@ -338,3 +338,21 @@ def test_k_negatives_take_the_swap_types_in_turn(demo_dir):
       {"caption": demo.captions_for(record["meta"]["items"])[0], "meta": record["meta"]},
       np.random.default_rng(1))
   assert sorted(type_of[c] for c in out["neg_captions"]) == ["attribute", "object", "relation"]
+
+
+def test_demo_negatives_are_phrased_like_their_positive():
+  from jaxret.data import caption_swaps, demo
+  items = [["sneaker", "red", "top left"], ["bag", "blue", "bottom right"]]
+  captions = demo.captions_for(items)
+  for j, caption in enumerate(captions):
+    variants = caption_swaps.demo_swaps_like(items, caption)
+    flat = [c for group in variants.values() for c in group]
+    # Relational phrasings merge moves that keep the relation ("above" twice): 3 distinct.
+    assert len(variants["relation"]) == (5 if j < 2 else 3)
+    for c in flat:
+      assert (" in the " in c) == (j < 2), (caption, c)  # the cell template or the relational
+    if j == 1:  # "a blue bag in the bottom right and a red sneaker in the top left"
+      assert "a blue bag in the top left and a red sneaker in the bottom right" in variants["relation"]
+    if j == 2:  # "a red sneaker above and to the left of a blue bag"
+      assert "a red sneaker below and to the right of a blue bag" in variants["relation"]
+  assert caption_swaps.demo_swaps_like(items, "not one of its captions") is None

@@ -132,27 +132,26 @@ def _caption(mentioned):
   return captions[0] if ordered == list(mentioned) else captions[1]
 
 
-def demo_swaps(items, k=None, rng=0, *, classes=None, colours=None):
-  """{type: [caption, ...]}: variants of the scene's canonical caption (demo.captions_for(items)
-  [0], items in reading order as records store them); each is the real caption of another
-  valid scene. `classes` and `colours` are what replacements draw on (default: the demo's)."""
+def demo_swap_scenes(items, *, classes=None, colours=None):
+  """{type: (exchanged scenes, replaced scenes)}: the other valid scenes a swap of each type
+  makes of `items` (reading order), each as its items in the order the original mentions them
+  (the first item's counterpart first). `classes` and `colours` are what replacements draw on
+  (default: the demo's)."""
   (cls_a, col_a, cell_a), (cls_b, col_b, cell_b) = items = _check_items(items)
   classes = tuple(classes) if classes else _scene_classes(items)
   colours = tuple(colours) if colours else tuple(demo.COLOURS)
   true_key = demo.combination_key(items)
 
-  def captions(scenes):
+  def valid(scenes):
     # The same scene (e.g. two items of one colour "exchanging" it) or an impossible one (two
     # items that look the same) is no negative.
-    return [_caption(s) for s in scenes if demo.combination_key(s) != true_key
-            and s[0][:2] != s[1][:2]]
+    return [sc for sc in scenes if demo.combination_key(sc) != true_key and sc[0][:2] != sc[1][:2]]
 
   def each_item(field, values):
     present = {t[field] for t in items}
     return [[(*t[:field], v, *t[field + 1:]) if j == i else t for j, t in enumerate(items)]
             for i in (0, 1) for v in values if v not in present]
 
-  true = demo.captions_for(items)[0]
   exchanged = {
       "attribute": [[(cls_a, col_b, cell_a), (cls_b, col_a, cell_b)]],
       "object": [[(cls_b, col_a, cell_a), (cls_a, col_b, cell_b)]],
@@ -162,8 +161,50 @@ def demo_swaps(items, k=None, rng=0, *, classes=None, colours=None):
   free = [c for c in demo.CELLS if c not in (cell_a, cell_b)]
   replaced = {"attribute": each_item(1, colours), "object": each_item(0, classes),
               "relation": each_item(2, free)}
+  return {t: (valid(exchanged[t]), valid(replaced[t])) for t in TYPES}
+
+
+def demo_swaps(items, k=None, rng=0, *, classes=None, colours=None):
+  """{type: [caption, ...]}: variants of the scene's canonical caption (demo.captions_for(items)
+  [0], items in reading order as records store them); each is the real caption of another
+  valid scene (demo_swap_scenes)."""
+  items = _check_items(items)
+  true = demo.captions_for(items)[0]
   rng = _rng(rng)
-  return {t: _pick(true, captions(exchanged[t]), captions(replaced[t]), k, rng) for t in TYPES}
+  return {t: _pick(true, [_caption(sc) for sc in ex], [_caption(sc) for sc in rep], k, rng)
+          for t, (ex, rep) in demo_swap_scenes(items, classes=classes, colours=colours).items()}
+
+
+def _phrased(mentioned, relational):
+  """A scene's caption naming its items in this order, in the cell template (", and") or the
+  relational one ("above", "to the left of")."""
+  ordered = sorted(mentioned, key=lambda t: demo.CELLS.index(t[2]))
+  captions = demo.captions_for(ordered)
+  first = ordered == list(mentioned)
+  return captions[(2 if relational else 0) + (0 if first else 1)]
+
+
+def demo_swaps_like(items, caption, *, classes=None, colours=None):
+  """{type: [caption, ...]}: the swapped scenes of demo_swap_scenes phrased as `caption`, one of
+  the scene's own captions (the same template, the counterparts in the same order), so that a
+  negative never differs from its positive by phrasing alone; None if `caption` is not one of
+  the scene's captions. Variants that read as any caption of the true scene are dropped."""
+  items = _check_items(items)
+  own = demo.captions_for(items)
+  if caption not in own:
+    return None
+  j = own.index(caption)
+  flip, relational = j % 2 == 1, j >= 2
+  out = {}
+  for t, (ex, rep) in demo_swap_scenes(items, classes=classes, colours=colours).items():
+    seen, group = set(own), []
+    for sc in ex + rep:
+      c = _phrased(list(reversed(sc)) if flip else sc, relational)
+      if c not in seen:
+        seen.add(c)
+        group.append(c)
+    out[t] = group
+  return out
 
 
 # ---------------------------------------------------------------- any caption

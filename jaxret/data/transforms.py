@@ -207,8 +207,10 @@ class TokenizeTeacher(grain.transforms.Map):
 
 
 class HardNegatives(grain.transforms.RandomMap):
-  """Adds "neg_captions": `k` swapped variants of the example (caption_swaps.swaps_for_record:
-  the demo's scene metadata, else word swaps of the chosen caption). The swap types take turns
+  """Adds "neg_captions": `k` swapped variants of the example: on the demo, other scenes from
+  its metadata phrased as the chosen caption (caption_swaps.demo_swaps_like: negatives in one
+  fixed template let the text tower learn "that template is negative", which inverted the
+  relation accuracy in a first run), else word swaps of the caption. The swap types take turns
   from a random first one, so k >= 3 covers attribute, object and relation alike (pooling them
   would draw relations rarely: the demo has 1 against up to 17 object variants); within a
   type, variants are drawn without repeats until it runs out. With none at all (no swappable
@@ -222,8 +224,12 @@ class HardNegatives(grain.transforms.RandomMap):
     from jaxret.data import caption_swaps
     out = {key: v for key, v in element.items() if key != "meta"}
     caption = element["caption"]
-    groups = [list(g) for g in caption_swaps.swaps_for_record(
-        element.get("meta"), caption, None, rng, classes=self.classes).values() if g]
+    meta = element.get("meta") or {}
+    like = (caption_swaps.demo_swaps_like(meta["items"], caption, classes=self.classes)
+            if "items" in meta else None)
+    if like is None:
+      like = caption_swaps.swaps_for_record(meta, caption, None, rng, classes=self.classes)
+    groups = [list(g) for g in like.values() if g]
     if not groups:
       words = caption.split()
       shuffled = " ".join(words[i] for i in rng.permutation(len(words)))
