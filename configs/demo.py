@@ -1,31 +1,46 @@
 """Demo: a small dual encoder on the embedded demo data (64x64 scenes of two tinted items).
 
-Build the data once, then train and evaluate with one of the four losses:
+Build the data once, then train and evaluate a variant (the loss is named after the colon):
 
   jaxret data demo --out demo_data
   jaxret train --config configs/demo.py:softmax --workdir runs/demo-softmax
   jaxret train --config configs/demo.py:sigmoid --workdir runs/demo-sigmoid
+  jaxret train --config configs/demo.py:siglip  --workdir runs/demo-siglip
   jaxret train --config configs/demo.py:filip   --workdir runs/demo-filip
   jaxret train --config configs/demo.py:triplet --workdir runs/demo-triplet
   jaxret train --config configs/demo.py:negclip --workdir runs/demo-negclip
 
+Distillation (loss.distill): `:teacher` trains a wider, deeper softmax model for longer
+(width 192, 4 + 3 layers, 1,000 steps); `:distill` is the softmax student with that teacher
+(default runs/demo-teacher) in its train step. Offline, the teacher's embeddings of 4 views of
+every training image are stored first and read in training:
+
+  jaxret train --config configs/demo.py:teacher --workdir runs/demo-teacher
+  jaxret train --config configs/demo.py:distill --workdir runs/demo-distill
+  jaxret data teacher --teacher runs/demo-teacher --data demo_data --out demo_data_taught
+  jaxret train --config configs/demo.py:distill --workdir runs/demo-distill-offline \
+      --config.data.dir=demo_data_taught --config.loss.distill.source=offline
+
 negclip is the softmax run with hard negatives (NegCLIP): 3 swapped captions per example (an
 attribute, an object and a relation swap, from the scene metadata) join each image's softmax
 as columns that are never positive (`data.hard_negatives=3`). `make demo LOSSES="softmax
-negclip"` runs and compares any of these variants.
+negclip"` runs and compares any of these variants (`LOSSES="teacher distill"`: the teacher
+first).
 
 Overrides go after the config, e.g. `--config.batch_size=64 --config.total_steps=200`.
-softmax, filip and triplet (VSE++'s hinge loss, margin 0.2, summed over all negatives: see
-below) use CLIP-style towers (cls pooling, causal text pooled at the end token);
-sigmoid uses SigLIP-style towers (MAP head and no image projection, bidirectional text pooled at
-the last position with a biased head,
-t' = log 10, b = -10).
+softmax, sigmoid, filip and triplet (VSE++'s hinge loss, margin 0.2, summed over all negatives:
+see below) use the same CLIP-style towers (cls pooling, causal text pooled at the end token), so
+their table compares the losses alone; sigmoid adds SigLIP's learnt bias (t' = log 10, b = -10).
+siglip is the sigmoid loss on SigLIP-style towers (MAP head and no image projection,
+bidirectional text pooled at the last position with a biased head), exportable as transformers'
+SiglipModel (CLIPModel has no logit bias, so `jaxret export` refuses a sigmoid run).
 """
 from jaxret.config import defaults
 
 
 def get_config(variant="softmax"):
-  loss = {"negclip": "softmax"}.get(variant, variant)
+  loss = {"negclip": "softmax", "teacher": "softmax", "distill": "softmax",
+          "siglip": "sigmoid"}.get(variant, variant)
   c = defaults()
   c.data.dir = "demo_data"
   c.batch_size = 128
@@ -51,6 +66,13 @@ def get_config(variant="softmax"):
   # The demo's 17 image and 20 text tokens are few: FILIP scores all of them (the paper's 25%
   # selection is for hundreds of tokens per example).
   c.loss.filip_token_fraction = 1.0
+  if variant == "teacher":
+    c.total_steps = 1000
+    c.model.embed_dim = 192
+    c.model.image.update(width=192, depth=4, num_heads=6, mlp_dim=576)
+    c.model.text.update(width=192, depth=3, num_heads=6, mlp_dim=576)
+  if variant == "distill":
+    c.loss.distill.teacher = "runs/demo-teacher"
   if variant == "negclip":
     c.data.hard_negatives = 3  # one of each swap type (transforms.HardNegatives takes turns)
   if loss == "triplet":
@@ -59,9 +81,15 @@ def get_config(variant="softmax"):
     # the sum over all negatives learns (i2t R@1 24% after 150 steps).
     c.loss.triplet_max_violation = False
   if loss == "sigmoid":
+    # SigLIP's published t' = log 10, b = -10. On the CLIP towers (measured, 600 steps) t' = log
+    # (1/0.07), b = -log(128) or a 10x learning rate on t and b move i2t R@1 by at most a point
+    # (from 38.7%); SigLIP's towers cost 11-13 points under either loss (sigmoid 38.7 -> 27.5%,
+    # softmax 47.0 -> 33.6%).
+    c.model.update(init_scale=10.0, init_bias=-10.0)
+  if variant == "siglip":
     # SigLIP's towers: no image projection (the MAP head output is the embedding), a biased
     # text head; exportable as transformers' SiglipModel.
-    c.model.update(init_scale=10.0, init_bias=-10.0, image_proj=False, text_proj_bias=True)
+    c.model.update(image_proj=False, text_proj_bias=True)
     c.model.image.pool = "map"
     c.model.image.pre_norm = False
     c.model.image.patch_bias = True

@@ -48,13 +48,13 @@ VARIANTS = {
         "model.image.mean=(0.48145466, 0.4578275, 0.40821073)",
         "model.image.std=(0.26862954, 0.26130258, 0.27577711)"]),
     # SigLIP: MAP head, no ln_pre, no image projection, bidirectional text pooled last.
-    "siglip": ("sigmoid", []),
-    "siglip-gelu-eps1e-6-no-biases": ("sigmoid", [
+    "siglip": ("siglip", []),
+    "siglip-gelu-eps1e-6-no-biases": ("siglip", [
         "model.act=gelu", "model.ln_eps=1e-6", "model.image.patch_bias=false",
         "model.text_proj_bias=false"]),
     # Scanned layers (stacked [depth] params) export through the same per-block table.
     "clip-scanned": ("softmax", ["model.scan=true"]),
-    "siglip-scanned-remat": ("sigmoid", ["model.scan=true", "model.remat=full"]),
+    "siglip-scanned-remat": ("siglip", ["model.scan=true", "model.remat=full"]),
 }
 
 
@@ -184,7 +184,7 @@ def test_filip_scores_in_pytorch(tok_path, tmp_path):
   _assert_close("filip s^T", got_text, s_text)
 
 
-@pytest.mark.parametrize("loss", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("loss", ["softmax", "siglip"])
 def test_round_trip_is_bit_exact(loss, tok_path, tmp_path):
   cfg = _cfg(loss)
   _, params, _ = _random_model(cfg, tok_path, seed=3)
@@ -216,7 +216,7 @@ def test_refuses_what_the_target_cannot_express(tok_path, tmp_path):
   assert "CLIPModel" in msg and "\n" not in msg
   for key in ("model.image.pool='gap'", "model.image.pre_norm", "model.image.patch_bias"):
     assert key in msg
-  cfg = _cfg("sigmoid", ["model.image.pre_norm=true", "model.text.causal=true"])
+  cfg = _cfg("siglip", ["model.image.pre_norm=true", "model.text.causal=true"])
   with pytest.raises(UserError, match="SiglipModel.*model.image.pre_norm.*model.text.causal"):
     hf.export_params(cfg.model, {}, tok_path, out)
   assert not os.path.exists(out)

@@ -40,7 +40,7 @@ def model_config(loss="softmax", *overrides):
 
 def variants():
   """Every way the models annotate: CLIP towers, SigLIP towers (MAP head), scanned blocks."""
-  return [model_config("softmax"), model_config("sigmoid"), model_config("softmax", "model.scan=true")]
+  return [model_config("softmax"), model_config("siglip"), model_config("softmax", "model.scan=true")]
 
 
 # ----------------------------------------------------------------------- the default rules

@@ -97,7 +97,7 @@ def test_batch_must_split_over_devices(tiny_config, tmp_path):
 def test_weight_decay_mask_follows_the_regex(tiny_config):
   """Decay on kernels and the token table only: never norms, biases, positions, t or b."""
   from jaxret.experiment import Experiment
-  exp = Experiment(tiny_config("sigmoid"))
+  exp = Experiment(tiny_config("siglip"))
   mask = regex_mask(exp.abstract_state.params, exp.cfg.optim.decay_regex)
   flat = {"/".join(str(k.key) for k in path): v
           for path, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
