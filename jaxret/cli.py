@@ -240,7 +240,7 @@ def run(argv):
     train_tokenizer_cli(args.inputs, args.out, kind=args.kind, vocab_size=args.vocab_size,
                         min_frequency=args.min_frequency, clip_files=args.clip_files)
   elif args.command == "data" and args.data_command == "teacher":
-    from jaxret.data.teacher_store import write_teacher_data
+    from jaxret.inference.teacher_data import write_teacher_data
     if args.views < 1:
       raise UserError(f"--views must be at least 1, got {args.views}")
     out = write_teacher_data(args.teacher, args.data, args.out, split=args.split,

@@ -176,7 +176,8 @@ def test_offline_records_hold_the_teachers_embeddings_of_each_view(teacher_dir, 
                                                                     tmp_path):
   import jaxret
   from jaxret.data import sources, teacher_store, transforms
-  out = teacher_store.write_teacher_data(teacher_dir, demo_dir, tmp_path / "taught", views=2,
+  from jaxret.inference import teacher_data
+  out = teacher_data.write_teacher_data(teacher_dir, demo_dir, tmp_path / "taught", views=2,
                                          progress=False, batch_size=32)
   manifest = sources.load_manifest(out)
   assert manifest["teacher"]["views"] == 2 and manifest["teacher"]["image_size"] == 64
@@ -198,9 +199,9 @@ def test_offline_records_hold_the_teachers_embeddings_of_each_view(teacher_dir, 
 
 def test_online_and_offline_give_the_same_loss_for_the_same_views(tiny_config, teacher_dir,
                                                                  demo_dir, tmp_path):
-  from jaxret.data import teacher_store
+  from jaxret.inference import teacher_data
   from jaxret.train.loop import distillation
-  taught = teacher_store.write_teacher_data(teacher_dir, demo_dir, tmp_path / "taught", views=3,
+  taught = teacher_data.write_teacher_data(teacher_dir, demo_dir, tmp_path / "taught", views=3,
                                             progress=False, batch_size=64)
   exp, params = _student(tiny_config, teacher_dir, f"data.dir={taught}",
                          "loss.distill.source=offline")
@@ -267,7 +268,7 @@ def test_teacher_tokens_follow_the_teachers_own_tokenizer(demo_dir, tmp_path):
 
 def test_the_teacher_is_sharded_like_the_student(tiny_config, teacher_dir):
   from jaxret.experiment import Experiment
-  from jaxret.train.teacher import load_teacher
+  from jaxret.inference.teacher import load_teacher
   exp = Experiment(tiny_config("softmax", "mesh.data=4", "mesh.fsdp=2"))
   teacher = load_teacher(teacher_dir, exp.mesh, exp.rules, exp.tokenizer_path,
                          exp.cfg.model.text.max_len)

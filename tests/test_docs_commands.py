@@ -3,8 +3,8 @@ document order (the demo config's first), in a folder laid out as the text assum
 (photos/ + captions.jsonl,
 webdataset shards, a CLIP tokenizer folder, a TFDS coco_captions in ~/tensorflow_datasets, a
 bucket on a local GCS server). Only sizes shrink: tiny model and step overrides are appended
-to each `train` (later overrides win) and `--image-size 64 --workers 1` to each `data
-convert`; placeholders (BUCKET, DATA, HF_DIR, IMPORTED, the gcsfuse mount) name real folders.
+to each `train` (later overrides win), `--image-size 64 --workers 1` to each `data
+convert` and `--image-size 32` (the tiny trains' size) to `data teacher`; placeholders (BUCKET, DATA, HF_DIR, IMPORTED, the gcsfuse mount) name real folders.
 
 Covered elsewhere, and checked here to be: README's recipe blocks (tests/test_readme_recipes.py),
 launch-script commands (tests/test_launch.py), `jaxret inspect --config configs/clip.py:l14`
@@ -138,6 +138,8 @@ def prepare(argv, ctx):
     words += ["--image-size", "64", "--workers", "1"]
   if words[:2] == ["data", "demo"]:
     words += ["--num-train", "64", "--num-test", "16"]
+  if words[:2] == ["data", "teacher"]:  # views at the size the tiny trains use (patch 16)
+    words += ["--image-size", "32", "--no-progress"]
   if words[:2] == ["data", "train-tokenizer"]:
     words += ["--vocab-size", "600" if "sentencepiece" not in words else "100"]
   return [os.path.join(ROOT, w) if w.startswith("configs/") else w for w in words]

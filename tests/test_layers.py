@@ -22,7 +22,7 @@ LAYERS = [
 SAME_LAYER = {
     "config": {"errors"},
     "workdir": {"checkpoint"},
-    "train": {"eval"},  # training runs the evaluator; never the other way round
+    "train": {"eval", "inference"},  # runs the evaluator, loads a teacher; never the reverse
     "inference": {"eval", "export"},  # embeds as eval does, loads exports; never trains
 }
 

@@ -23,7 +23,7 @@ from jaxret.parallel import partitioning
 from jaxret.train.health import Health
 from jaxret.train.preemption import PreemptionGuard
 from jaxret.train.step import make_train_step
-from jaxret.train.teacher import load_teacher
+from jaxret.inference.teacher import load_teacher
 from jaxret.data.teacher_store import check_teacher_records
 from jaxret.train.writers import MetricWriter
 from jaxret.workdir import (absolute_data_dirs, check_workdir_config, load_initial_params,

@@ -10,14 +10,14 @@ from jaxret.parallel import partitioning
 from jaxret.parallel.mesh import BATCH_AXES
 from jaxret.train import grad_cache
 from jaxret.train.objective import objective
-from jaxret.train.teacher import teacher_embeddings
+from jaxret.inference.teacher import teacher_embeddings
 
 
 def loss_and_grads(model, loss, params, batch, *, mesh, accum_steps=1, distill=None,
                    teacher=None, teacher_params=None):
   """-> (loss, model outputs, grads) for one global batch; with accum_steps > 1 the exact
   GradCache form, whose activation memory is one micro-batch's. With `distill` (the config's
-  loss.distill), the teacher's embeddings come from `teacher` (train/teacher.py) or, offline,
+  loss.distill), the teacher's embeddings come from `teacher` (inference/teacher.py) or, offline,
   from the batch."""
   teacher_emb = None
   if distill is not None:
@@ -45,7 +45,7 @@ def make_train_step(model, loss, tx, schedule, mesh, state_sh, accum_steps=1,
   gradients; zeroing them here too lets XLA drop their backward pass (a locked tower costs only
   its forward) and keeps them out of the logged grad_norm.
   `negatives`: batches carry "neg_text" [B, k, L] hard negative captions (data.hard_negatives).
-  `distill`: the config's loss.distill section as a dict, with `teacher` (train/teacher.py) run
+  `distill`: the config's loss.distill section as a dict, with `teacher` (inference/teacher.py) run
   in the step, frozen, its parameters an argument sharded like the student's; without a teacher
   the batches carry its embeddings (offline)."""
   def train_step(state, batch, teacher_params):
