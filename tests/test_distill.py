@@ -277,3 +277,36 @@ def test_the_teacher_is_sharded_like_the_student(tiny_config, teacher_dir):
   assert kernel(teacher.params).sharding.spec == kernel(student).spec
   assert "fsdp" in str(kernel(student).spec)  # the FSDP axis is really in use
   assert kernel(teacher.params).sharding.mesh.shape == exp.mesh.shape
+
+
+def test_a_teacher_with_its_own_tokenizer_reads_its_own_tokens(tiny_config, demo_dir, tmp_path):
+  """The teacher's data had another tokenizer: the step feeds it "teacher_text", and the term
+  is the reference on the teacher's embeddings of the same captions."""
+  import shutil
+  import jaxret
+  from jaxret.data import sources
+  from jaxret.data.tokenizer_training import train_bpe
+  from jaxret.data.tokenizers import load_tokenizer
+  from jaxret.train.loop import distillation, train
+  other = tmp_path / "other_data"
+  shutil.copytree(demo_dir, other)
+  manifest = sources.load_manifest(other)
+  records = sources.open_split(demo_dir, "train")
+  captions = [c for i in range(64) for c in sources.decode_record(records[i])["captions"]]
+  train_bpe(captions, other / manifest["tokenizer"], vocab_size=700)  # another vocabulary
+  teacher = str(tmp_path / "teacher")
+  train(tiny_config("softmax", f"data.dir={other}", "total_steps=1", "optim.warmup_steps=0",
+                    "checkpoint.every=0", "eval.tasks=('retrieval',)"), teacher, progress=False)
+  exp, params = _student(tiny_config, teacher)
+  options, t = distillation(exp, exp.cfg)
+  assert t.own_tokens
+  batch = _first_batch(exp, teacher_tokens=(t.tokenizer_path, t.text_len))
+  _, out, _ = _value(exp, params, batch, options, t)
+  student_tok = load_tokenizer(os.path.join(demo_dir, "tokenizer.json"), exp.cfg.model.text.max_len)
+  texts = [student_tok.decode(row) for row in np.asarray(batch["text"])]
+  model = jaxret.load(teacher)
+  np.testing.assert_array_equal(np.asarray(batch["teacher_text"]),
+                                model.tokenizer.encode_batch(texts))
+  ti = model.embed_arrays("image", np.asarray(batch["image"]))  # same size: no resize
+  tt = model.encode_texts(texts)
+  base._close(float(out["distill"]), distill_ref(out, ti, tt, False), rtol=1e-4, atol=1e-5)
