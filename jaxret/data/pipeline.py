@@ -28,7 +28,7 @@ from pathlib import Path
 import grain
 import numpy as np
 
-from jaxret.data import sources, transforms
+from jaxret.data import caption_swaps, sources, transforms
 from jaxret.errors import UserError
 
 
@@ -153,7 +153,6 @@ def check_hard_negatives(data_dir, split, k):
   no swappable word (NegCLIP-style swaps need colours, counts, relations or objects)."""
   if not k:
     return
-  from jaxret.data import caption_swaps
   manifest = sources.load_manifest(data_dir)
   records = sources.open_split(data_dir, split)
   for i in range(min(SWAP_PROBE, len(records))):

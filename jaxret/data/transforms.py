@@ -10,7 +10,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from jaxret.data import augment, sources, tokenizers
+from jaxret.data import augment, caption_swaps, sources, teacher_store, tokenizers
 from jaxret.errors import UserError
 
 
@@ -178,7 +178,6 @@ class TeacherView(grain.transforms.RandomMap):
     self.size = int(size)
 
   def random_map(self, element, rng):
-    from jaxret.data import teacher_store
     views, image_emb, text_emb = teacher_store.stored({"teacher": element["teacher"]})
     captions = element["captions"]
     if len(text_emb) != len(captions):
@@ -221,7 +220,6 @@ class HardNegatives(grain.transforms.RandomMap):
     self.classes = tuple(classes) if classes else None
 
   def random_map(self, element, rng):
-    from jaxret.data import caption_swaps
     out = {key: v for key, v in element.items() if key != "meta"}
     caption = element["caption"]
     meta = element.get("meta") or {}

@@ -30,7 +30,7 @@ class Teacher:
   path: str = ""
 
 
-def tokenizer_path(path, model):
+def tokenizer_path(path):
   """The tokenizer file a teacher folder's model encodes with."""
   from jaxret.inference import loaders
   kind = loaders.folder_kind(path)
@@ -46,7 +46,7 @@ def load_teacher(path, mesh, rules, student_tokenizer_path, student_text_len):
   from jaxret.inference.loaders import load
   try:
     loaded = load(path, devices=list(mesh.devices.flat))
-    tok_path = tokenizer_path(path, loaded.module)
+    tok_path = tokenizer_path(path)
   except UserError as e:
     raise UserError(f"loss.distill.teacher '{path}' cannot be loaded: {e}") from None
   module = loaded.module

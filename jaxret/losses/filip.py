@@ -32,6 +32,19 @@ def filip_reference(image_tokens, image_mask, text_tokens, text_mask, scale, neg
                     neg_mask=None):
   """Full-batch FILIP loss from the whole [B, B, Ni, Nt] token-similarity tensor; hard
   negatives `neg_tokens` [B, k, Nt, d] (mask [B, k, Nt]) extend the image->text rows."""
+  s_image, s_text = _reference_scores(image_tokens, image_mask, text_tokens, text_mask)
+  rows = scale * s_image
+  if neg_tokens is not None:
+    negs, _ = _reference_scores(image_tokens, image_mask, common.flat(neg_tokens),
+                                common.flat(neg_mask))
+    rows = jnp.concatenate([rows, scale * negs], axis=1)
+  image_to_text = -jnp.mean(jnp.diagonal(jax.nn.log_softmax(rows, axis=1)))
+  text_to_image = -jnp.mean(jnp.diagonal(jax.nn.log_softmax(scale * s_text.T, axis=1)))
+  return (image_to_text + text_to_image) / 2
+
+
+def _reference_scores(image_tokens, image_mask, text_tokens, text_mask):
+  """(s^I, s^T) [B images, n texts] straight from the definition, one [B, n, Ni, Nt] tensor."""
   image_valid = jnp.asarray(image_mask).astype(bool)[:, None, :]  # [i, 1, k]
   text_valid = jnp.asarray(text_mask).astype(bool)[None, :, :]  # [1, j, r]
   sim = jnp.einsum("ikd,jrd->ijkr", image_tokens, text_tokens)
@@ -39,23 +52,7 @@ def filip_reference(image_tokens, image_mask, text_tokens, text_mask, scale, neg
   best_image = jnp.max(jnp.where(image_valid[:, :, :, None], sim, -jnp.inf), axis=2)  # [i, j, r]
   s_image = jnp.sum(jnp.where(image_valid, best_text, 0), axis=2) / jnp.sum(image_valid, axis=2)
   s_text = jnp.sum(jnp.where(text_valid, best_image, 0), axis=2) / jnp.sum(text_valid, axis=2)
-  rows = scale * s_image
-  if neg_tokens is not None:
-    negs = filip_reference_scores(image_tokens, image_mask, common.flat(neg_tokens),
-                                  common.flat(neg_mask))
-    rows = jnp.concatenate([rows, scale * negs], axis=1)
-  image_to_text = -jnp.mean(jnp.diagonal(jax.nn.log_softmax(rows, axis=1)))
-  text_to_image = -jnp.mean(jnp.diagonal(jax.nn.log_softmax(scale * s_text.T, axis=1)))
-  return (image_to_text + text_to_image) / 2
-
-
-def filip_reference_scores(image_tokens, image_mask, text_tokens, text_mask):
-  """s^I [B images, n texts] straight from the definition (the reference's negatives)."""
-  image_valid = jnp.asarray(image_mask).astype(bool)[:, None, :]
-  text_valid = jnp.asarray(text_mask).astype(bool)[None, :, :]
-  sim = jnp.einsum("ikd,jrd->ijkr", image_tokens, text_tokens)
-  best_text = jnp.max(jnp.where(text_valid[:, :, None, :], sim, -jnp.inf), axis=3)
-  return jnp.sum(jnp.where(image_valid, best_text, 0), axis=2) / jnp.sum(image_valid, axis=2)
+  return s_image, s_text
 
 
 def _token_similarities(image_tokens, text_tokens):
