@@ -149,6 +149,21 @@ def test_clean_text_is_open_clips(open_clip):
   assert transforms.clean_captions(["&nbsp;", " ok ", "\u00a0 "]) == ["ok"]
 
 
+def test_clean_text_ascii_shortcut_is_open_clips(open_clip):
+  # clean_text skips ftfy for printable ASCII without '&': open_clip's cleanup (ftfy, entities
+  # twice, whitespace) must give the same on such text, punctuation and quotes included, and on
+  # its neighbours that take the full path (tabs, controls, entities, non-ASCII).
+  module, _ = open_clip
+  rng = np.random.default_rng(0)
+  alphabet = [chr(c) for c in range(32, 127)] + [" "] * 20
+  texts = ["".join(rng.choice(alphabet, rng.integers(0, 40))) for _ in range(2000)]
+  texts += ["a\tb\r\nc", "x\x1b[31mred", "&amp;lt;b&amp;gt;", "caf\u00e9 \u201cq\u201d",
+            "\u00c3\u00a9t\u00c3\u00a9", "  two  spaces  ", "'quoted' \"and\" `ticked`"]
+  for text in texts:
+    assert T.clean_text(text) == module._clean_whitespace(text), repr(text)
+    assert T.clean_text(text, lower=True) == module._clean_lower(text), repr(text)
+
+
 # ---------------------------------------------------------------------------- one interface
 
 

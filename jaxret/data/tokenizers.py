@@ -48,7 +48,11 @@ def clean_text(text, lower=False):
   (web captions are often escaped twice), whitespace runs -> one space, stripped; `lower` as
   Python lower-cases (open_clip's CLIP BPE: final sigma and all, which the HF normalizer's
   per-character lower case does not do)."""
-  text = " ".join(html.unescape(html.unescape(ftfy.fix_text(text))).split())
+  if not (text.isascii() and text.isprintable() and "&" not in text):
+    # ftfy and the entities change only non-ASCII text, control characters and '&...;':
+    # printable ASCII skips them (ftfy is pure Python, ~40% of the demo pipeline's time).
+    text = html.unescape(html.unescape(ftfy.fix_text(text)))
+  text = " ".join(text.split())
   return text.lower() if lower else text
 
 
