@@ -323,6 +323,10 @@ def apply_override(cfg, item: str):
       value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
       value = raw
+    if isinstance(value, str) and isinstance(current, tuple) and all(
+        isinstance(x, str) for x in current):
+      # A list of names as one types it: eval.tasks=retrieval,zeroshot
+      value = tuple(p.strip() for p in value.split(",") if p.strip())
   _assign(section, last, value, key)
 
 

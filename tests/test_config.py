@@ -9,6 +9,7 @@ import pytest
 from jaxret import config
 from jaxret.experiment import load_config
 from jaxret.errors import UserError
+from jaxret.eval.suite import check_tasks
 from jaxret.models.two_tower import build_model
 from jaxret.parallel.mesh import make_mesh, mesh_shape
 
@@ -30,6 +31,17 @@ def test_override_is_typed_and_applied():
   assert cfg.batch_size == 64 and cfg.model.image.pool == "gap"
   assert cfg.checkpoint.async_save is False and tuple(cfg.eval.ks) == (1, 3)
   assert cfg.optim.lr == pytest.approx(3e-4)
+
+
+def test_a_list_of_names_can_be_typed_with_commas():
+  # As a user types it on the command line; the literal form still works, and a name the
+  # evaluation does not have is still refused (when training or evaluation starts).
+  for raw, want in [("retrieval,zeroshot", ("retrieval", "zeroshot")), ("retrieval", ("retrieval",)),
+                    ("('retrieval', 'hubness')", ("retrieval", "hubness"))]:
+    assert tuple(config.load(f"{DEMO}:softmax", [f"eval.tasks={raw}"]).eval.tasks) == want
+  typo = config.load(f"{DEMO}:softmax", ["eval.tasks=retreival,zeroshot"]).eval.tasks
+  with pytest.raises(UserError, match="did you mean 'retrieval'"):
+    check_tasks(typo)
 
 
 @pytest.mark.parametrize("override, needle", [
