@@ -310,3 +310,31 @@ def test_a_teacher_with_its_own_tokenizer_reads_its_own_tokens(tiny_config, demo
   ti = model.embed_arrays("image", np.asarray(batch["image"]))  # same size: no resize
   tt = model.encode_texts(texts)
   base._close(float(out["distill"]), distill_ref(out, ti, tt, False), rtol=1e-4, atol=1e-5)
+
+
+def test_an_export_and_an_import_hf_folder_teach_as_their_workdir(tiny_config, teacher_dir,
+                                                                   tmp_path):
+  """README: the teacher is any folder jaxret.load reads. The HF export of the teacher workdir,
+  and that export imported back, give the workdir teacher's distillation term on one batch."""
+  from jaxret import cli
+  from jaxret.train.loop import distillation
+  exported, imported = str(tmp_path / "hf"), str(tmp_path / "imported")
+  cli.main(["export", "--workdir", teacher_dir, "--out", exported])
+  cli.main(["import-hf", exported, "--out", imported])
+  exp, params = _student(tiny_config, teacher_dir)
+  options, workdir_teacher = distillation(exp, exp.cfg)
+  batch = _first_batch(exp)
+  _, out, _ = _value(exp, params, batch, options, workdir_teacher)
+  want = float(out["distill"])
+  for folder in (exported, imported):
+    exp_f, _ = _student(tiny_config, folder)
+    options_f, teacher = distillation(exp_f, exp_f.cfg)
+    assert teacher.image_size == 32
+    fed = dict(batch)
+    # The export renumbers CLIP's end token (export/processor.py), so its tokenizer file is
+    # not the student's: the step reads the teacher's own ids of the same captions.
+    assert teacher.own_tokens
+    fed["teacher_text"] = _first_batch(
+        exp_f, teacher_tokens=(teacher.tokenizer_path, teacher.text_len))["teacher_text"]
+    _, out_f, _ = _value(exp_f, params, fed, options_f, teacher)
+    base._close(float(out_f["distill"]), want, rtol=1e-4, atol=1e-5)
