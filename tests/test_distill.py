@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from jaxret.errors import UserError
 from jaxret.losses import distill
 
 import test_losses as base
@@ -338,3 +339,43 @@ def test_an_export_and_an_import_hf_folder_teach_as_their_workdir(tiny_config, t
         exp_f, teacher_tokens=(teacher.tokenizer_path, teacher.text_len))["teacher_text"]
     _, out_f, _ = _value(exp_f, params, fed, options_f, teacher)
     base._close(float(out_f["distill"]), want, rtol=1e-4, atol=1e-5)
+
+
+def test_inspect_counts_the_teacher(tiny_config, teacher_dir):
+  """`jaxret inspect` with an online teacher: its parameters per device as the real sharded
+  teacher holds them, and its forward pass (the analytic count) added to the train FLOPs."""
+  import jaxret
+  from jaxret.experiment import Experiment
+  from jaxret.inference.teacher import load_teacher
+  from jaxret.train import planner
+  from test_planner import analytic_train_flops
+  mesh = {"data": 2, "fsdp": 4, "tensor": 1}
+  exp = Experiment(tiny_config("softmax", *(f"mesh.{k}={v}" for k, v in mesh.items())))
+  vocab = f"model.text.vocab_size={exp.tokenizer.vocab_size}"
+  # The student at the teacher's 32 px, so the step does no resize (its interpolation is an
+  # einsum the analytic count does not have).
+  common = ("model.image.size=32", vocab, "model.remat=none")
+  plain = planner.plan(tiny_config("softmax", *common), mesh, compile_activations=False)
+  taught = planner.plan(tiny_config("softmax", *common, f"loss.distill.teacher={teacher_dir}"),
+                        mesh, compile_activations=False)
+  real = load_teacher(teacher_dir, exp.mesh, exp.rules, exp.tokenizer_path,
+                      exp.cfg.model.text.max_len)
+  per_device = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(real.params))
+  assert taught["teacher"]["bytes"] == per_device < sum(
+      x.nbytes for x in jax.tree.leaves(real.params))  # FSDP really splits it
+  model = jaxret.load(teacher_dir)
+  assert taught["teacher"]["parameters"] == sum(x.size for x in jax.tree.leaves(model.params))
+  local = exp.cfg.batch_size // (mesh["data"] * mesh["fsdp"])
+  forward = analytic_train_flops(load_config_of(teacher_dir), local) / 3
+  assert taught["teacher_flops_per_example"] == pytest.approx(forward, rel=0.1)
+  added = taught["train_flops_per_example"] - plain["train_flops_per_example"]
+  assert added == pytest.approx(forward, rel=0.1)
+  text = planner.format_plan(taught, "demo")
+  assert "teacher         " in text and "teacher  " in text.split("memory per device")[1]
+  with pytest.raises(UserError, match="loss.distill.teacher '/nowhere' cannot be loaded"):
+    planner.plan(tiny_config("softmax", *common, "loss.distill.teacher=/nowhere"), mesh)
+
+
+def load_config_of(workdir):
+  from jaxret.workdir import load_run_config
+  return load_run_config(workdir)

@@ -10,8 +10,14 @@ How good the activation figure is (checked against compiled sharded steps on 8 C
 within a few percent for data parallel and FSDP with the softmax and sigmoid losses; low for
 tensor parallelism (resharding buffers) and for FILIP's all-gather form, whose gathered
 tokens grow with the global batch (use loss.impl=ring, whose memory is the local block's).
+
+An online distillation teacher (loss.distill) is loaded once, so a bad one fails here as it
+would at the start of training; its parameters are placed by the student's rules, its forward
+pass is in the traced FLOPs and the compiled temporaries. Offline, the step only reads stored
+embeddings: nothing is added.
 """
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +25,10 @@ from jax.sharding import AbstractMesh, AxisType
 
 from jaxret import losses
 from jaxret.errors import UserError
-from jaxret.experiment import abstract_boxed_params, check_components, state_shardings
+from jaxret.data import sources
+from jaxret.experiment import (abstract_boxed_params, check_components, dummy_inputs,
+                               state_shardings)
+from jaxret.inference.teacher import load_teacher, teacher_embeddings, tokenizer_path
 from jaxret.models.attention import for_platform
 from jaxret.models.two_tower import build_model
 from jaxret.optim import make_optimizer
@@ -82,8 +91,7 @@ def plan(cfg, mesh_sizes, *, compile_activations=True):
       "params_bytes": _bytes_per_device(params),
       "optimizer_bytes": _bytes_per_device(abstract.opt_state),
       # The input batch as training feeds it (batch_spec), split over data x fsdp.
-      "batch_bytes": sum(math.prod(x.shape) * x.dtype.itemsize
-                         for x in batch_spec(cfg, local_batch).values()),
+      "batch_bytes": None,  # below, once the teacher is known
       "shardings": [(n, tuple(x.shape), str(x.dtype), tuple(x.sharding.spec),
                      math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize)
                     for n, x in zip(names, leaves)],
@@ -91,11 +99,38 @@ def plan(cfg, mesh_sizes, *, compile_activations=True):
       "undivided": partitioning.undivided(
           abstract_boxed_params(model, mesh, cfg.model.image.size), mesh, rules),
   }
-  result.update(_one_device_program(cfg, model, tx, local_batch, compile_activations))
+  teacher = _teacher(cfg)
+  result["batch_bytes"] = sum(math.prod(x.shape) * x.dtype.itemsize
+                              for x in batch_spec(cfg, local_batch, teacher=teacher).values())
+  if teacher is not None:
+    boxed = jax.eval_shape(lambda: teacher.module.init(jax.random.key(0), *dummy_inputs(
+        teacher.module, teacher.image_size, mesh.size)))
+    shardings = partitioning.logical_shardings(boxed, mesh, rules)["params"]
+    result["teacher"] = {
+        "path": teacher.path,
+        "parameters": sum(math.prod(x.shape) for x in jax.tree.leaves(teacher.params)),
+        "bytes": _bytes_per_device(jax.tree.map(
+            lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+            teacher.params, shardings))}
+  result.update(_one_device_program(cfg, model, tx, local_batch, compile_activations, teacher))
   return result
 
 
-def batch_spec(cfg, batch, sharding=None):
+def _teacher(cfg):
+  """The online distillation teacher on this machine's first device, or None."""
+  d = cfg.loss.distill
+  if not d.teacher or d.source != "online":
+    return None
+  one = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+  own = None
+  manifest = os.path.join(cfg.data.dir, "manifest.json")
+  if os.path.isfile(manifest):  # planning away from the data: compare lengths only
+    own = os.path.join(cfg.data.dir, sources.load_manifest(cfg.data.dir)["tokenizer"])
+  return load_teacher(d.teacher, one, cfg.mesh.rules, own or tokenizer_path(d.teacher),
+                      cfg.model.text.max_len)
+
+
+def batch_spec(cfg, batch, sharding=None, teacher=None):
   """The train step's input as the data pipeline delivers it (uint8 pixels, normalised on the
   device by the image tower; int32 token ids), abstract."""
   s, n, k = cfg.model.image.size, cfg.model.text.max_len, cfg.data.hard_negatives
@@ -103,10 +138,13 @@ def batch_spec(cfg, batch, sharding=None):
           "text": jax.ShapeDtypeStruct((batch, n), jnp.int32, sharding=sharding)}
   if k:
     spec["neg_text"] = jax.ShapeDtypeStruct((batch, k, n), jnp.int32, sharding=sharding)
+  if teacher is not None and teacher.own_tokens:
+    spec["teacher_text"] = jax.ShapeDtypeStruct((batch, teacher.text_len), jnp.int32,
+                                                sharding=sharding)
   return spec
 
 
-def _one_device_program(cfg, model, tx, local_batch, compile_activations=True):
+def _one_device_program(cfg, model, tx, local_batch, compile_activations=True, teacher=None):
   """Matmul FLOPs (traced) and temporary memory (compiled) of one device's train step at the
   local batch.
 
@@ -116,11 +154,18 @@ def _one_device_program(cfg, model, tx, local_batch, compile_activations=True):
   mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
   loss = losses.get_loss(cfg.loss.name, cfg.loss)
   abstract, sh = state_shardings(model, tx, mesh, cfg.model.image.size, cfg.mesh.rules)
-  batch = batch_spec(cfg, local_batch, partitioning.batch_sharding(mesh))
+  batch = batch_spec(cfg, local_batch, partitioning.batch_sharding(mesh), teacher)
+  d = cfg.loss.distill
+  distill = dict(weight=float(d.weight), temperature=float(d.temperature),
+                 hard_weighting=bool(d.hard_weighting)) if teacher is not None else None
   step = make_train_step(model, loss, tx, lambda i: 0.0, mesh, sh, cfg.optim.grad_accum_steps,
-                         rules=cfg.mesh.rules, negatives=cfg.data.hard_negatives > 0)
+                         rules=cfg.mesh.rules, negatives=cfg.data.hard_negatives > 0,
+                         distill=distill, teacher=teacher)
+  teacher_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                               sharding=x.sharding),
+                                teacher.params) if teacher is not None else {}
   with partitioning.activate(mesh, cfg.mesh.rules):
-    traced = step.jitted.trace(abstract, batch, {})
+    traced = step.jitted.trace(abstract, batch, teacher_params)
     executed = jaxpr_matmul_flops(traced.jaxpr.jaxpr) / local_batch
     out = {"train_flops_per_example": executed}
     if cfg.model.remat != "none":
@@ -130,10 +175,15 @@ def _one_device_program(cfg, model, tx, local_batch, compile_activations=True):
                           text=model.text.clone(remat="none"))
       plain_step = make_train_step(plain, loss, tx, lambda i: 0.0, mesh, sh,
                                    cfg.optim.grad_accum_steps, rules=cfg.mesh.rules,
-                                   negatives=cfg.data.hard_negatives > 0)
+                                   negatives=cfg.data.hard_negatives > 0, distill=distill,
+                                   teacher=teacher)
       out["train_flops_per_example"] = jaxpr_matmul_flops(
-          plain_step.jitted.trace(abstract, batch, {}).jaxpr.jaxpr) / local_batch
+          plain_step.jitted.trace(abstract, batch, teacher_params).jaxpr.jaxpr) / local_batch
       out["executed_flops_per_example"] = executed
+    if teacher is not None:  # its forward pass alone, at the student's batch
+      forward = jax.jit(lambda tp, b: teacher_embeddings(teacher, tp, b))
+      out["teacher_flops_per_example"] = jaxpr_matmul_flops(
+          forward.trace(teacher_params, batch).jaxpr.jaxpr) / local_batch
     if compile_activations:
       out["activation_bytes"] = traced.lower().compile().memory_analysis().temp_size_in_bytes
   return out
@@ -151,11 +201,19 @@ def format_plan(p, config_name):
                  "(forward + backward matmuls, traced" + (
                      f"; {p['executed_flops_per_example'] / 1e9:,.1f} run with remat's recompute"
                      if "executed_flops_per_example" in p else "") + ")")
+  if "teacher" in p:
+    lines.append(f"teacher         {p['teacher']['parameters'] / 1e6:,.1f}M parameters, frozen "
+                 f"({p['teacher']['path']})" + (
+                     f"; its forward pass is {p['teacher_flops_per_example'] / 1e9:,.2f} GFLOP "
+                     "of the train FLOPs" if "teacher_flops_per_example" in p else ""))
   lines.append("memory per device")
   lines.append(f"  parameters    {p['params_bytes'] / GiB:8.3f} GiB")
   lines.append(f"  optimizer     {p['optimizer_bytes'] / GiB:8.3f} GiB")
-  lines.append(f"  input batch   {p['batch_bytes'] / GiB:8.3f} GiB")
   total = p["params_bytes"] + p["optimizer_bytes"] + p["batch_bytes"]
+  if "teacher" in p:
+    lines.append(f"  teacher       {p['teacher']['bytes'] / GiB:8.3f} GiB")
+    total += p["teacher"]["bytes"]
+  lines.append(f"  input batch   {p['batch_bytes'] / GiB:8.3f} GiB")
   if "activation_bytes" in p:
     act = p["activation_bytes"] / tp
     total += act
