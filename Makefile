@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 DEMO_DATA ?= demo_data
 DEMO_RUNS ?= runs
 LOSSES ?= softmax sigmoid filip
-# Held-out test captions `make demo` searches for at the end (runs/search-N.png).
+# Held-out test captions `make demo` searches for at the end, in one `jaxret search`
+# (runs/search-1.png, -2, -3).
 DEMO_QUERIES := "a white coat above a green shirt" "a yellow ankle boot to the left of a magenta sandal" "a white sandal above and to the left of a white sneaker"
 FMNIST := /usr/share/datasets/fashion-mnist
 
@@ -46,10 +47,8 @@ demo: demo-data
 	@rm -rf $(DEMO_RUNS)/demo-softmax-test-store
 	@$(BIN)/jaxret embed --model $(DEMO_RUNS)/demo-softmax --data $(DEMO_DATA) --split test \
 	  --out $(DEMO_RUNS)/demo-softmax-test-store --no-progress
-	@n=0; for q in $(DEMO_QUERIES); do n=$$((n+1)); \
-	  $(BIN)/jaxret search --index $(DEMO_RUNS)/demo-softmax-test-store --k 8 "$$q" \
-	    --show $(DEMO_RUNS)/search-$$n.png || exit 1; \
-	done
+	@$(BIN)/jaxret search --index $(DEMO_RUNS)/demo-softmax-test-store --k 8 $(DEMO_QUERIES) \
+	  --show $(DEMO_RUNS)/search.png
 
 test: $(VENV)/.test fashion-mnist
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15

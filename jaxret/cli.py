@@ -86,8 +86,9 @@ def _parser():
   em.add_argument("--batch-size", type=int, default=64)
   em.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-  se = sub.add_parser("search", help="the exact top-k of a store for a text or image query")
-  se.add_argument("query", nargs="?", help="the text to search for")
+  se = sub.add_parser("search", help="the exact top-k of a store for text or image queries")
+  se.add_argument("query", nargs="*",
+                  help="the text(s) to search for; several share one model load")
   se.add_argument("--index", required=True, help="a store written by `jaxret embed`")
   se.add_argument("--image", help="query with this image instead of a text")
   se.add_argument("--k", type=int, default=10)
@@ -96,7 +97,8 @@ def _parser():
                   help="rescore the top --candidates by FILIP late interaction (needs a store "
                        "embedded with --tokens)")
   se.add_argument("--candidates", type=int, default=100, help="for --rerank")
-  se.add_argument("--show", help="write the query and its top-k images to this PNG")
+  se.add_argument("--show", help="write the query and its top-k images to this PNG (several "
+                                 "queries: PATH-1.png, PATH-2.png, ... for PATH.png)")
 
   d = sub.add_parser("data", help="data tools")
   dsub = d.add_subparsers(dest="data_command", required=True)
@@ -228,9 +230,9 @@ def run(argv):
                    shard_size=args.shard_size, step=args.step, batch_size=args.batch_size,
                    progress=not args.no_progress)
   elif args.command == "search":
-    from jaxret.inference.search import search_store
-    search_store(args.index, args.query, image=args.image, k=args.k, model_path=args.model,
-                 rerank_=args.rerank, candidates=args.candidates, show=args.show)
+    from jaxret.inference.search import search_queries
+    search_queries(args.index, args.query, image=args.image, k=args.k, model_path=args.model,
+                   rerank_=args.rerank, candidates=args.candidates, show=args.show)
   elif args.command == "data" and args.data_command == "demo":
     from jaxret.data.demo import build_demo
     build_demo(args.out, num_train=args.num_train, num_test=args.num_test, seed=args.seed,

@@ -16,6 +16,7 @@ import jaxret
 from jaxret import cli
 from jaxret.data import sources
 from jaxret.errors import UserError
+from jaxret.inference.search import search_queries, search_store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -159,12 +160,19 @@ def test_make_demo_search_commands(run, tmp_path):
   make = open(os.path.join(ROOT, "Makefile")).read()
   queries = shlex.split(re.search(r"^DEMO_QUERIES := (.*)$", make, re.M).group(1))
   k = int(re.search(r"jaxret search .*--k (\d+)", make).group(1))
-  assert len(queries) == 3
+  assert len(queries) == 3 and "--show $(DEMO_RUNS)/search.png" in make
   cfg, workdir = run
   store = str(tmp_path / "demo-softmax-test-store")
   cli.main(["embed", "--model", workdir, "--data", cfg.data.dir, "--split", "test",
             "--out", store, "--no-progress"])
+  # One call with every query, as make demo runs it: the same top-k as one call per query.
+  cli.main(["search", "--index", store, "--k", str(k), *queries,
+            "--show", str(tmp_path / "search.png")])
+  model = jaxret.load(workdir)
   for n, q in enumerate(queries, 1):
-    png = str(tmp_path / f"search-{n}.png")
-    cli.main(["search", "--index", store, "--k", str(k), q, "--show", png])
-    assert Image.open(png).size == sheet_size(k)
+    assert Image.open(tmp_path / f"search-{n}.png").size == sheet_size(k)
+    alone = search_store(store, q, k=k, show=str(tmp_path / f"alone-{n}.png"), quiet=True)
+    together = search_queries(store, [q, queries[0]], k=k, quiet=True, model=model)[0]
+    assert [r["id"] for r in alone] == [r["id"] for r in together]
+    assert (np.asarray(Image.open(tmp_path / f"alone-{n}.png"))
+            == np.asarray(Image.open(tmp_path / f"search-{n}.png"))).all()

@@ -11,6 +11,7 @@ The rows are held in float32 on the devices (widened exactly from the store's fl
 XLA:CPU a float16 dot runs ~10x slower than a float32 one (BENCHMARKS.md, "Search").
 """
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -112,6 +113,30 @@ def describe(item):
   if isinstance(item, dict):
     return f"line {item['line']}: {item['text']}"
   return f"record {item}" if isinstance(item, int) else str(item)
+
+
+def search_queries(index, queries, *, image=None, show=None, **options):
+  """`jaxret search` with any number of text queries (or one --image): the store and the model
+  are loaded once; with several queries each is headed by its text and `show`=PATH.png becomes
+  PATH-1.png, PATH-2.png, ... -> one result list per query."""
+  queries = list(queries or [])
+  if image is not None or len(queries) < 2:
+    return [search_store(index, queries[0] if queries else None, image=image, show=show,
+                         **options)]
+  store = options.pop("store", None) or Store(index)
+  model_path = options.pop("model_path", None)
+  model = options.pop("model", None) or load(model_path or store.meta["model"],
+                                             None if model_path else store.meta.get("step"))
+  out = []
+  for n, query in enumerate(queries, 1):
+    if not options.get("quiet"):
+      print(f"query {n}: {query}", flush=True)
+    path = None
+    if show:
+      stem, ext = os.path.splitext(show)
+      path = f"{stem}-{n}{ext or '.png'}"
+    out.append(search_store(index, query, show=path, model=model, store=store, **options))
+  return out
 
 
 def search_store(index, query=None, *, image=None, k=10, model_path=None, rerank_=False,
