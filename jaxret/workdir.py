@@ -346,3 +346,20 @@ def run_manifest(workdir, cfg):
   if storage.isfile(path):
     return json.loads(storage.read_text(path))
   return load_manifest(cfg.data.dir)
+
+
+def read_jsonl(path):
+  """The rows of a JSON-lines file (metrics.jsonl); a line that does not parse (torn by a
+  killed run) is dropped."""
+  out = []
+  for line in storage.read_text(path).splitlines():
+    try:
+      out.append(json.loads(line))
+    except ValueError:
+      continue
+  return out
+
+
+def read_metrics(workdir):
+  """The logged rows of a run: its workdir's metrics.jsonl (see read_jsonl)."""
+  return read_jsonl(storage.join(workdir, "metrics.jsonl"))

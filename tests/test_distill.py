@@ -228,7 +228,7 @@ def _cli(*args):
 
 def test_training_with_a_teacher_logs_the_term_and_a_bad_teacher_stops_at_start(
     demo_dir, teacher_dir, tmp_path):
-  from jaxret.train.writers import read_metrics
+  from jaxret.workdir import read_metrics
   common = ["train", "--config", "configs/demo.py:softmax", f"--config.data.dir={demo_dir}",
             *[f"--config.{o}" for o in ("model.embed_dim=32", "model.image.width=32",
                                         "model.image.depth=1", "model.image.num_heads=2",

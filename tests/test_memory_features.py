@@ -11,7 +11,7 @@ from jaxret.experiment import Experiment
 from jaxret.train.loop import train
 from jaxret.experiment import init_state
 from jaxret.train.step import loss_and_grads
-from jaxret.train.writers import read_metrics
+from jaxret.workdir import read_metrics
 
 STEPS = ("total_steps=3", "checkpoint.every=0", "optim.warmup_steps=1")
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from conftest import ROOT, TINY
 from jaxret.train.loop import train
-from jaxret.train.writers import read_metrics
+from jaxret.workdir import read_metrics
 
 STEPS = ["total_steps=3", "checkpoint.every=2"]
 

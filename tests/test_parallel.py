@@ -8,7 +8,7 @@ from jaxret.parallel.mesh import make_mesh
 from jaxret.parallel.partitioning import fit_spec
 from jaxret.experiment import Experiment
 from jaxret.train.loop import train
-from jaxret.train.writers import read_metrics
+from jaxret.workdir import read_metrics
 
 STEPS = ("total_steps=4", "checkpoint.every=0", "optim.warmup_steps=1")
 

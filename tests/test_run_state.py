@@ -11,7 +11,8 @@ import pytest
 
 from jaxret import lock
 from jaxret.errors import UserError
-from jaxret.train.writers import MetricWriter, read_metrics
+from jaxret.train.writers import MetricWriter
+from jaxret.workdir import read_metrics
 
 
 def test_a_second_owner_is_refused_and_the_first_releases(tmp_path):

@@ -15,7 +15,7 @@ from jaxret.eval import ranking
 from jaxret.train.loop import train
 from jaxret.optim import make_optimizer, make_schedule
 from jaxret.param_rules import regex_mask
-from jaxret.train.writers import read_metrics
+from jaxret.workdir import read_metrics
 
 
 def losses_by_step(workdir):

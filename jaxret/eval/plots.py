@@ -9,6 +9,7 @@ import io
 import json
 
 from jaxret import storage
+from jaxret.workdir import read_jsonl
 from jaxret.errors import UserError
 from jaxret.eval.report import VARIANT_NAMES
 
@@ -129,12 +130,6 @@ def plot_workdir(workdir):
       written.append(path)
       recall_curves(one, path)
   if has_metrics:
-    rows = []
-    for line in storage.read_text(metrics_path).splitlines():
-      try:
-        rows.append(json.loads(line))
-      except ValueError:  # a line torn by a killed run (the writer drops it on resume)
-        continue
     written.append(storage.join(out_dir, "training.png"))
-    training_curves(rows, written[-1])
+    training_curves(read_jsonl(metrics_path), written[-1])
   return written

@@ -24,6 +24,7 @@ import time
 import jax
 
 from jaxret import storage
+from jaxret.workdir import read_jsonl
 
 
 class MetricWriter:
@@ -53,7 +54,7 @@ class MetricWriter:
     """On resume, rows logged after the restored checkpoint are about to be recomputed."""
     if not storage.exists(self.path):
       return
-    rows = [r for r in _rows(self.path) if r.get("step", 0) <= step]
+    rows = [r for r in read_jsonl(self.path) if r.get("step", 0) <= step]
     if self._remote:
       self._rows = rows
     storage.write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
@@ -95,16 +96,3 @@ def _plain(v):
   return v
 
 
-def _rows(path):
-  """The rows of a metrics.jsonl; a line that does not parse (torn by a kill) is dropped."""
-  out = []
-  for line in storage.read_text(path).splitlines():
-    try:
-      out.append(json.loads(line))
-    except ValueError:
-      continue
-  return out
-
-
-def read_metrics(workdir):
-  return _rows(storage.join(workdir, "metrics.jsonl"))
