@@ -6,8 +6,9 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
 # The tests' models are tiny, so compiling costs more than running: LLVM at -O0 compiles the
 # demo-sized train step in 1.8 s instead of 3.1 and runs it 3x slower (4 ms a step). The whole
 # suite with an empty compile cache: 14 min 5 s instead of 15 min 36 s; test_train, test_losses
-# and test_faults with a warm one: the same (80 s). The HLO the tests check (shardings, buffers, FLOPs) does not
-# depend on the LLVM level; float results may move in the last bits, inside every tolerance.
+# and test_faults with a warm one: the same (80 s). The HLO the tests check (shardings, buffers,
+# FLOPs) does not depend on the LLVM level; float results may move in the last bits, inside
+# every tolerance.
 # JAXRET_TEST_LLVM_O=2 runs the suite at XLA's default.
 if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=" + os.environ.get(
