@@ -115,6 +115,11 @@ def describe(item):
   return f"record {item}" if isinstance(item, int) else str(item)
 
 
+def _store_model(store, model_path=None):
+  """`model_path`, or else the model (and checkpoint step) that built the store."""
+  return load(model_path or store.meta["model"], None if model_path else store.meta.get("step"))
+
+
 def search_queries(index, queries, *, image=None, show=None, **options):
   """`jaxret search` with any number of text queries (or one --image): the store and the model
   are loaded once; with several queries each is headed by its text and `show`=PATH.png becomes
@@ -125,8 +130,7 @@ def search_queries(index, queries, *, image=None, show=None, **options):
                          **options)]
   store = options.pop("store", None) or Store(index)
   model_path = options.pop("model_path", None)
-  model = options.pop("model", None) or load(model_path or store.meta["model"],
-                                             None if model_path else store.meta.get("step"))
+  model = options.pop("model", None) or _store_model(store, model_path)
   out = []
   for n, query in enumerate(queries, 1):
     if not options.get("quiet"):
@@ -146,8 +150,7 @@ def search_store(index, query=None, *, image=None, k=10, model_path=None, rerank
   if (query is None) == (image is None):
     raise UserError("pass a text query or --image PATH (one of them)")
   store = store or Store(index)
-  model = model or load(model_path or store.meta["model"], None if model_path else
-                        store.meta.get("step"))
+  model = model or _store_model(store, model_path)
   if model.embed_dim != store.dim:
     raise UserError(f"model '{model.path}' embeds in {model.embed_dim} dimensions but store "
                     f"'{store.path}' holds {store.dim}: use the model that built it "

@@ -40,9 +40,16 @@ def tokenizer_path(path):
   return os.path.join(path, "tokenizer.json")
 
 
+def param_shardings(module, image_size, mesh, rules):
+  """A teacher's parameter shardings on `mesh` (concrete or abstract) by the student's rules."""
+  from jaxret.experiment import dummy_inputs
+  boxed = jax.eval_shape(lambda: module.init(jax.random.key(0), *dummy_inputs(
+      module, image_size, mesh.size)))
+  return partitioning.logical_shardings(boxed, mesh, rules)["params"]
+
+
 def load_teacher(path, mesh, rules, student_tokenizer_path, student_text_len):
   """-> Teacher; one-line UserError when the folder cannot be loaded."""
-  from jaxret.experiment import dummy_inputs
   from jaxret.inference.loaders import load
   try:
     loaded = load(path, devices=list(mesh.devices.flat))
@@ -50,10 +57,7 @@ def load_teacher(path, mesh, rules, student_tokenizer_path, student_text_len):
   except UserError as e:
     raise UserError(f"loss.distill.teacher '{path}' cannot be loaded: {e}") from None
   module = loaded.module
-  boxed = jax.eval_shape(lambda: module.init(jax.random.key(0), *dummy_inputs(
-      module, loaded.image_size, mesh.size)))
-  shardings = partitioning.logical_shardings(boxed, mesh, rules)["params"]
-  params = jax.device_put(loaded.params, shardings)
+  params = jax.device_put(loaded.params, param_shardings(module, loaded.image_size, mesh, rules))
   same = (int(module.text.max_len) == int(student_text_len)
           and storage.read_bytes(tok_path) == storage.read_bytes(student_tokenizer_path))
   return Teacher(module, params, loaded.image_size, tok_path, int(module.text.max_len),

@@ -76,10 +76,9 @@ def write_teacher_data(teacher_path, data_dir, out_dir, *, split="train", views=
     writer = ArrayRecordWriter(str(out_dir / path.name), "group_size:1")
     for lo in range(0, len(raws), batch_size):
       chunk = raws[lo:lo + batch_size]
-      records, images, texts, plan = [], [], [], []
+      images, texts, plan = [], [], []
       for raw in chunk:
-        record = sources.decode_record(raw)
-        image, captions, _ = decode.decode(raw)
+        image, captions, record = decode.decode(raw)
         rng = np.random.default_rng([seed, index])
         record_views = sample_views(image.shape, views, rng, crop_scale, crop_ratio, flip)
         images += [apply_view(image, v, size) for v in record_views]

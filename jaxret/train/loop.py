@@ -21,6 +21,7 @@ from jaxret.optim import param_setting
 from jaxret.lock import WorkdirLock
 from jaxret.parallel import partitioning
 from jaxret.train.health import Health
+from jaxret.train.objective import distill_options
 from jaxret.train.preemption import PreemptionGuard
 from jaxret.train.step import make_train_step
 from jaxret.inference.teacher import load_teacher
@@ -67,11 +68,9 @@ def train(cfg, workdir, *, stop_after_step=None, progress=True, devices=None):
 
 def distillation(exp, cfg):
   """(loss.distill as the step takes it, the online Teacher), or (None, None) without one."""
-  d = cfg.loss.distill
-  if not d.teacher:
+  d, distill = cfg.loss.distill, distill_options(cfg)
+  if distill is None:
     return None, None
-  distill = dict(weight=float(d.weight), temperature=float(d.temperature),
-                 hard_weighting=bool(d.hard_weighting))
   if d.source == "offline":
     check_teacher_records(cfg.data.dir, cfg.data.train_split, d.teacher, cfg.model.image.size)
     return distill, None

@@ -4,6 +4,15 @@
 from jaxret.losses.distill import distill_loss
 
 
+def distill_options(cfg):
+  """The config's loss.distill as `objective` takes it, or None when not distilling."""
+  d = cfg.loss.distill
+  if not d.teacher:
+    return None
+  return dict(weight=float(d.weight), temperature=float(d.temperature),
+              hard_weighting=bool(d.hard_weighting))
+
+
 def objective(loss, out, *, mesh, axes, distill=None, teacher_emb=None):
   """-> (value, outputs with "distill" added when distilling). `distill`: the config's
   loss.distill section (weight, temperature, hard_weighting); `teacher_emb`: the teacher's

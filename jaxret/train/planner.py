@@ -26,9 +26,9 @@ from jax.sharding import AbstractMesh, AxisType
 from jaxret import losses
 from jaxret.errors import UserError
 from jaxret.data import sources
-from jaxret.experiment import (abstract_boxed_params, check_components, dummy_inputs,
-                               state_shardings)
-from jaxret.inference.teacher import load_teacher, teacher_embeddings, tokenizer_path
+from jaxret.experiment import abstract_boxed_params, check_components, state_shardings
+from jaxret.inference.teacher import (load_teacher, param_shardings, teacher_embeddings,
+                                      tokenizer_path)
 from jaxret.models.attention import for_platform
 from jaxret.models.two_tower import build_model
 from jaxret.optim import make_optimizer
@@ -36,6 +36,7 @@ from jaxret.param_rules import param_paths
 from jaxret.parallel import partitioning
 from jaxret.parallel.mesh import AXES, BATCH_AXES, make_mesh
 from jaxret.train.flops import jaxpr_matmul_flops
+from jaxret.train.objective import distill_options
 from jaxret.train.step import make_train_step
 
 GiB = 1024 ** 3
@@ -103,9 +104,7 @@ def plan(cfg, mesh_sizes, *, compile_activations=True):
   result["batch_bytes"] = sum(math.prod(x.shape) * x.dtype.itemsize
                               for x in batch_spec(cfg, local_batch, teacher=teacher).values())
   if teacher is not None:
-    boxed = jax.eval_shape(lambda: teacher.module.init(jax.random.key(0), *dummy_inputs(
-        teacher.module, teacher.image_size, mesh.size)))
-    shardings = partitioning.logical_shardings(boxed, mesh, rules)["params"]
+    shardings = param_shardings(teacher.module, teacher.image_size, mesh, rules)
     result["teacher"] = {
         "path": teacher.path,
         "parameters": sum(math.prod(x.shape) for x in jax.tree.leaves(teacher.params)),
@@ -155,9 +154,7 @@ def _one_device_program(cfg, model, tx, local_batch, compile_activations=True, t
   loss = losses.get_loss(cfg.loss.name, cfg.loss)
   abstract, sh = state_shardings(model, tx, mesh, cfg.model.image.size, cfg.mesh.rules)
   batch = batch_spec(cfg, local_batch, partitioning.batch_sharding(mesh), teacher)
-  d = cfg.loss.distill
-  distill = dict(weight=float(d.weight), temperature=float(d.temperature),
-                 hard_weighting=bool(d.hard_weighting)) if teacher is not None else None
+  distill = distill_options(cfg) if teacher is not None else None
   step = make_train_step(model, loss, tx, lambda i: 0.0, mesh, sh, cfg.optim.grad_accum_steps,
                          rules=cfg.mesh.rules, negatives=cfg.data.hard_negatives > 0,
                          distill=distill, teacher=teacher)

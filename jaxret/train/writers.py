@@ -94,5 +94,3 @@ def _plain(v):
   if hasattr(v, "item"):
     return v.item()
   return v
-
-
